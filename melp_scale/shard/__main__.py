@@ -72,7 +72,7 @@ def _build(args: argparse.Namespace) -> int:
     counts = manifest["counts"]
     print(summary(args.out))
     print(f"\n{len(manifest['shards'])} shards ({manifest['reused_shards']} kept from an earlier run) "
-          f"in {manifest['elapsed_s']:.1f} s, {counts['listed'] / max(manifest['elapsed_s'], 1e-9):.0f} "
+          f"in {manifest['elapsed_s']:.1f} s, {counts['listed'] / max(manifest['elapsed_s'], 1e-9):.1f} "
           f"records/s with {args.workers} worker(s)")
     reasons = manifest["skipped_records"][:5]
     if reasons:

@@ -20,7 +20,7 @@ class SourceOptions:
     dx_mapping: tuple[str, ...] = ()  # challenge: CSV tables SNOMED code -> Dx name, Abbreviation
     ptbxl_rate: int = 500  # ptbxl: read records500 (500) or records100 (100)
     count: int = 192  # synthetic: number of records
-    records_per_subject: int = 4  # synthetic: consecutive 10 s records simulated per subject
+    records_per_subject: int = 6  # synthetic: 10 s records cut from one 20 s simulation per subject
     seed: int = 0  # synthetic: simulation seed
 
 

@@ -1,0 +1,151 @@
+"""PyTorch references of the three fused ops: the specification the kernels are tested against.
+
+Each function has the signature of the public op (without ``impl``), validates its inputs
+the same way, computes in float32 (float64 when any input is float64) whatever the input
+dtype, and is written for clarity, not speed. The math is in
+``shared/design/KERNELS.md``; METHOD.md §3 defines the losses.
+
+attention_pool(queries (Q, D) | (B, Q, D), keys (B, N, D), values (B, N, D), num_heads,
+               key_padding_mask (B, N) bool | None) -> (B, Q, D), dtype of values
+    per head h (d = D / num_heads): softmax(q_h k_hᵀ / √d, masked keys -> −∞) v_h.
+local_contrastive_loss(beats (B, Qb, D), sentences (B, S, D), sentence_counts (B,) int,
+                       t1, t2, t3) -> 0-d, float32 | float64
+    pairs whose text has no sentence are dropped from both sides of M (B' = kept pairs).
+infonce_loss(x (N, D), t (N, D), logit_scale 0-d, group) -> 0-d, float32 | float64
+    ½ [CE(s·X·Tᵀ, I) + CE(s·T·Xᵀ, I)], s = exp(logit_scale); with a process group, local
+    rows against gathered columns (open_clip's local loss with gather-with-gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kernels._utils import compute_dtype, validate_attention_pool, validate_infonce, validate_local_contrastive
+
+COSINE_EPS = 1e-8  # floor on each norm in the beat-sentence cosine (a zero vector gives cos 0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's (N_l, D) rows; backward sums the gradient over ranks, keeps ours."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        num_local = grad.shape[0] // dist.get_world_size(ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad[rank * num_local:(rank + 1) * num_local], None
+
+
+def attention_pool(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    num_heads: int,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-head softmax(q·kᵀ/√d)·v of learned or per-sample queries over keys; (B, Q, D)."""
+    validate_attention_pool(queries, keys, values, num_heads, key_padding_mask)
+    dtype = compute_dtype(queries, keys, values)
+    batch, num_keys, dim = keys.shape
+    head_dim = dim // num_heads
+    if queries.ndim == 2:
+        queries = queries.unsqueeze(0).expand(batch, -1, -1)
+    num_queries = queries.shape[1]
+    q = queries.to(dtype).reshape(batch, num_queries, num_heads, head_dim).transpose(1, 2)  # (B, H, Q, d)
+    k = keys.to(dtype).reshape(batch, num_keys, num_heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+    v = values.to(dtype).reshape(batch, num_keys, num_heads, head_dim).transpose(1, 2)  # (B, H, N, d)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # (B, H, Q, N)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v  # (B, H, Q, d)
+    return out.transpose(1, 2).reshape(batch, num_queries, dim).to(values.dtype)
+
+
+def local_similarity(
+    beats: torch.Tensor, sentences: torch.Tensor, sentence_counts: torch.Tensor, t1: float, t2: float
+) -> torch.Tensor:
+    """R[i, j] = log Σ_k exp(t2·cos(s_ik, c_ijk)) for text i against ECG j; (B, B).
+
+    Every text needs at least one sentence (``local_contrastive_loss`` drops the others).
+    """
+    num_sentences = sentences.shape[1]
+    valid = torch.arange(num_sentences, device=sentences.device)[None, :] < sentence_counts[:, None]  # (B, S)
+    scores = torch.einsum("jqd,ikd->ijqk", beats, sentences)  # (B_text, B_ecg, Qb, S)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    first = torch.softmax(scores, dim=-1)  # a_qk, over sentences
+    second = torch.softmax(t1 * first, dim=-2)  # α_kq, over beats
+    context = torch.einsum("ijqk,jqd->ijkd", second, beats)  # c_k: (B_text, B_ecg, S, D)
+    dots = torch.einsum("ikd,ijkd->ijk", sentences, context)
+    norms = sentences.norm(dim=-1).clamp_min(COSINE_EPS)[:, None, :] * context.norm(dim=-1).clamp_min(COSINE_EPS)
+    cosine = (dots / norms).masked_fill(~valid[:, None, :], float("-inf"))  # (B_text, B_ecg, S)
+    return torch.logsumexp(t2 * cosine, dim=-1)
+
+
+def local_contrastive_loss(
+    beats: torch.Tensor,
+    sentences: torch.Tensor,
+    sentence_counts: torch.Tensor,
+    t1: float = 4.0,
+    t2: float = 5.0,
+    t3: float = 10.0,
+) -> torch.Tensor:
+    """METHOD.md §3 local beat-sentence loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j).
+
+    Pairs (text i, ECG i) whose text has no sentence are removed from both sides of M, so
+    the B' remaining pairs stay aligned on the diagonal. With B' = 0 the loss is a zero
+    that is still connected to ``beats`` and ``sentences`` (zero gradients).
+    """
+    validate_local_contrastive(beats, sentences, sentence_counts)
+    dtype = compute_dtype(beats, sentences)
+    keep = sentence_counts > 0
+    if not bool(keep.any()):
+        return (beats.sum() + sentences.sum()).to(dtype) * 0.0 + 0.0  # + 0.0 turns −0 into 0
+    beats_kept = beats[keep].to(dtype)  # (B', Qb, D)
+    sentences_kept = sentences[keep].to(dtype)  # (B', S, D)
+    similarity = local_similarity(beats_kept, sentences_kept, sentence_counts[keep], t1, t2)  # R[i, j]
+    logits = t3 * similarity.transpose(0, 1)  # M[j, i]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.transpose(0, 1), labels))
+
+
+def infonce_loss(
+    x: torch.Tensor,
+    t: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE of L2-normalised x (N, D) against t (N, D) at scale exp(logit_scale).
+
+    With ``group``, each rank passes its own N_l rows; x and t are all-gathered with
+    gradient and the rank's loss is ½[CE(s·x_r·Tᵀ, I + o) + CE(s·t_r·Xᵀ, I + o)],
+    o = rank·N_l. The mean over ranks is the full-batch loss; every rank's features get
+    W·∂L/∂(features) and logit_scale its rank's share, so averaging gradients over
+    ranks (DDP / DeepSpeed) gives every parameter exactly ∂L/∂θ.
+    """
+    validate_infonce(x, t, logit_scale)
+    dtype = compute_dtype(x, t, logit_scale)
+    x, t = x.to(dtype), t.to(dtype)
+    scale = logit_scale.to(dtype).exp()
+    if group is None:
+        logits = scale * x @ t.T  # (N, N)
+        labels = torch.arange(x.shape[0], device=x.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    rank = dist.get_rank(group)
+    all_x = _AllGatherWithGrad.apply(x, group)  # (N, D), gradient flows back to the owner
+    all_t = _AllGatherWithGrad.apply(t, group)
+    labels = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
+    logits_x = scale * x @ all_t.T  # (N_l, N)
+    logits_t = scale * t @ all_x.T  # (N_l, N)
+    return 0.5 * (F.cross_entropy(logits_x, labels) + F.cross_entropy(logits_t, labels))

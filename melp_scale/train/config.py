@@ -1,0 +1,153 @@
+"""Training configuration: a YAML preset (``demo``, ``paper``) or file, plus ``key=value`` overrides.
+
+The YAML tree has four sections; every key is checked, an unknown one is a ``ValueError``
+naming it. The model section names a model preset and optional overrides of its fields
+(``model.ecg.num_layers=4``); optimiser hyper-parameters (lr, betas, weight decay), the batch
+size and precision live in the DeepSpeed JSON (``ds.json``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+from melp_scale.model import MELPConfig
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "configs")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the shards are and how the loader reads them (see ``melp_scale.stream``)."""
+
+    shards: str = "shards/demo"  # shard folder (manifest.json + tars)
+    build_demo_if_missing: bool = True  # build the synthetic demo shards when ``shards`` is absent
+    num_workers: int = 2  # DataLoader workers per rank
+    lead_mask_p: float = 0.5  # random lead masking in training (METHOD.md §1)
+    normalize: str = "minmax"  # per-record min-max (the reference), "zscore" or "none"
+    shuffle_window: int = 1024  # samples permuted together on a rank
+    on_error: str = "raise"  # bad sample: "raise" or "skip" (counted and logged)
+    verify: bool = False  # check the shards' sha256 at start
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """The schedule (the optimiser itself is ds.json's ``optimizer`` section)."""
+
+    warmup_steps: int = 100  # linear warm-up from 0 (without it both towers collapse, METHOD.md §4)
+    min_lr_ratio: float = 0.01  # cosine decay ends at lr * min_lr_ratio
+    epochs: int = 100  # epochs (the run stops at whichever of epochs / max_steps comes first)
+    max_steps: int | None = None  # optimiser steps in all; None: epochs * steps per epoch
+    seed: int = 0  # model initialisation, dropout and data order
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Outputs, checkpoints and logging."""
+
+    out: str = "runs/demo"  # run folder: checkpoints/, metrics.jsonl, tensorboard/, export/
+    checkpoint_every: int = 500  # steps between checkpoints (and at the end, and on SIGTERM)
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    log_every: int = 10  # steps between metric lines
+    validate: bool = True  # validation losses + retrieval each epoch and at the end
+    max_nonfinite: int = 5  # consecutive non-finite losses (skipped steps) before stopping
+    telemetry: bool = True  # GPU telemetry through pynvml when GPUs exist
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A whole pretraining run."""
+
+    model: str = "demo"  # model preset
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"ecg": {"num_layers": 4}}
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def model_config(self) -> MELPConfig:
+        """The model preset with the overrides applied (validated by the model's configs)."""
+        merged = _merge(MELPConfig.preset(self.model).to_dict(), self.model_overrides, "model")
+        return MELPConfig.from_dict(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key not in base:
+            raise ValueError(f"unknown config key {where}.{key}; known: {', '.join(sorted(base))}")
+        if isinstance(base[key], dict) and isinstance(value, dict) and base[key]:
+            merged[key] = _merge(base[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def _deep_update(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _deep_update(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def load_train_config(config: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a preset name (``launch/configs/NAME.yaml``) or a YAML path, then ``key=value`` overrides.
+
+    ``model.X.Y=v`` overrides a model field; ``model=paper`` picks another model preset.
+    """
+    path = config if config.endswith((".yaml", ".yml")) else os.path.join(CONFIG_DIR, f"{config}.yaml")
+    if not os.path.isfile(path):
+        names = sorted(n[:-5] for n in os.listdir(CONFIG_DIR) if n.endswith(".yaml"))
+        raise ValueError(f"--config {config!r}: no such preset or file (presets: {', '.join(names)})")
+    with open(path, encoding="utf-8") as handle:
+        tree = yaml.safe_load(handle) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        if key.startswith("model.") and key != "model":
+            key = "model_overrides." + key[len("model."):]
+        _deep_update(tree, _nest(key, _parse_value(value)))
+    return build_train_config(tree, path)
+
+
+def build_train_config(tree: dict[str, Any], where: str = "config") -> TrainConfig:
+    known = {"model", "model_overrides", *_SECTIONS}
+    unknown = set(tree) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = tree.get(name) or {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - fields
+        if bad:
+            raise ValueError(f"{where}: unknown config key(s) {[f'{name}.{b}' for b in sorted(bad)]}; "
+                             f"known in {name}: {sorted(fields)}")
+        sections[name] = cls(**values)
+    train = TrainConfig(model=tree.get("model", "demo"),
+                        model_overrides=tree.get("model_overrides") or {}, **sections)
+    train.model_config()  # validates the preset name and the overrides now
+    return train

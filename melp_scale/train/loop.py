@@ -1,0 +1,328 @@
+"""The pretraining loop: DeepSpeed ZeRO-2, equal batches per rank, resumable, observable.
+
+One optimiser step per ``gradient_accumulation_steps`` micro-batches (DeepSpeed counts them).
+After each step: the logit scale is clamped (METHOD.md §3), a stop request (SIGTERM/SIGINT
+on any rank) is agreed on by all ranks, checkpoints are written every ``checkpoint_every``
+steps, at the end and on a stop. A non-finite loss on any rank skips that micro-batch on all
+ranks (so ZeRO's collectives stay matched); ``max_nonfinite`` in a row stops the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from melp_scale.model import MELP
+from melp_scale.stream import StreamConfig, StreamLoader
+from melp_scale.train import checkpoint
+from melp_scale.train.config import TrainConfig
+from melp_scale.train.engine import build_optimizer, load_ds_config, warmup_cosine
+from melp_scale.train.metrics import GpuTelemetry, MetricsLog, retrieval_recall
+
+log = logging.getLogger("melp_scale.train")
+LOSS_NAMES = ("loss", "loss_global", "loss_caption", "loss_local")
+
+
+@dataclasses.dataclass
+class RunState:
+    """What the loop carries from step to step (and into checkpoints)."""
+
+    step: int = 0
+    epoch: int = 0
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    last_val: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class Trainer:
+    """Builds everything for one run; ``run()`` trains and returns the end summary."""
+
+    def __init__(self, config: TrainConfig, ds_config_path: str, resume: bool = False):
+        import deepspeed
+
+        self.config, self.resume = config, resume
+        self.use_cuda = torch.cuda.is_available()
+        _single_process_env()
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+                                   if self.use_cuda else "cpu")
+        if self.use_cuda:
+            torch.cuda.set_device(self.device)
+        self.ds_config, self.precision = load_ds_config(ds_config_path, self.world_size, self.use_cuda)
+        self.model_config = config.model_config()
+        self.model_config_dict = json.loads(json.dumps(self.model_config.to_dict()))
+        self.checkpoints = os.path.join(config.run.out, "checkpoints")
+        self._check_out_folder()
+        self._prepare_shards()
+        torch.manual_seed(config.optim.seed)
+        self.model = MELP(self.model_config).to(self.device)
+        self.train_loader, self.val_loader = self._loaders()
+        accumulation = self.ds_config.get("gradient_accumulation_steps", 1)
+        self.steps_per_epoch = max(1, len(self.train_loader) // accumulation)
+        self.total_steps = config.optim.epochs * self.steps_per_epoch
+        if config.optim.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.optim.max_steps)
+        optimizer = build_optimizer(self.model, self.ds_config)
+        self.base_lr = optimizer.param_groups[0]["lr"]
+        scheduler = warmup_cosine(optimizer, config.optim.warmup_steps, self.total_steps,
+                                  config.optim.min_lr_ratio)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.group = dist.group.WORLD if self.world_size > 1 else None
+        self.state = RunState()
+        self.stop_requested = False
+        self.metrics = MetricsLog(config.run.out, enabled=self.rank == 0)
+        self.telemetry = GpuTelemetry(config.run.telemetry and self.rank == 0)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_out_folder(self) -> None:
+        existing = checkpoint.read_latest(self.checkpoints)
+        if self.resume:
+            checkpoint.check_resumable(self.checkpoints, self.model_config_dict, self.world_size)
+        elif existing is not None:
+            raise ValueError(f"--out {self.config.run.out!r} already holds checkpoints (latest "
+                             f"{existing['tag']}); pass --resume to continue it or choose another --out")
+
+    def _prepare_shards(self) -> None:
+        data = self.config.data
+        manifest = os.path.join(data.shards, "manifest.json")
+        if self.rank == 0 and not os.path.isfile(manifest):
+            if not data.build_demo_if_missing:
+                raise ValueError(f"--shards {data.shards!r} has no manifest.json; build it with "
+                                 f"`python -m melp_scale.shard build ... --out {data.shards}`")
+            from melp_scale.shard.build import BuildConfig, run_build
+            from melp_scale.shard.sources import SourceOptions
+
+            log.info("no shards at %s: building the synthetic demo set there", data.shards)
+            run_build(BuildConfig(source="synthetic", out=data.shards, val_fraction=0.125,
+                                  shard_size=48, workers=os.cpu_count() or 1,
+                                  options=SourceOptions()))
+        dist.barrier()
+        if not os.path.isfile(manifest):
+            raise ValueError(f"--shards {data.shards!r} has no manifest.json")
+
+    def _loaders(self) -> tuple[StreamLoader, StreamLoader | None]:
+        data, text = self.config.data, self.model_config.text
+        stream = StreamConfig(
+            shard_dir=data.shards, split="train",
+            batch_size=self.ds_config["train_micro_batch_size_per_gpu"],
+            num_workers=data.num_workers, seed=self.config.optim.seed,
+            shuffle_window=data.shuffle_window, normalize=data.normalize,
+            lead_mask_p=data.lead_mask_p, text_model=text.name_or_path,
+            max_text_length=text.max_length, on_error=data.on_error, verify=data.verify,
+            pin_memory=self.use_cuda)
+        train = StreamLoader(stream, self.rank, self.world_size)
+        val = None
+        if self.config.run.validate and _has_split(data.shards, "val"):
+            val = StreamLoader(stream.for_validation(), self.rank, self.world_size,
+                               tokenizer=train.tokenizer)
+        return train, val
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, Any]:
+        if self.resume:
+            self._load()
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        start, status = time.time(), "finished"
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="pretrain", unit="step",
+                   disable=self.rank != 0, dynamic_ncols=True)
+        try:
+            while self.state.step < self.total_steps and status == "finished":
+                status = self._epoch(bar)
+                if self.train_loader.batches_consumed == 0 and status == "finished":
+                    self.state.epoch += 1
+                    self._validate()
+            if not self.state.last_val or status != "finished":
+                self._validate() if status == "finished" else None
+            self._save()
+            export = self._export() if status == "finished" else None
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self._summary(status, time.time() - start, export)
+
+    def _epoch(self, bar: tqdm) -> str:
+        """Train until the loader's epoch ends, the last step, or a stop; return the status."""
+        accumulation = self.engine.gradient_accumulation_steps()
+        wait, window_start, window_steps, sums = 0.0, time.time(), 0, {}
+        fetch_start = time.time()
+        for batch in self.train_loader:
+            wait += time.time() - fetch_start
+            losses = self._micro_step(batch)
+            if losses is not None:
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + value
+            if self.engine.is_gradient_accumulation_boundary() or losses is None:
+                pass
+            if self.engine.global_steps > self.state.step:  # an optimiser step happened
+                self.state.step = self.engine.global_steps
+                self.model.clamp_logit_scale_()
+                window_steps += 1
+                bar.update(1)
+                if self.state.step % self.config.run.log_every == 0 or self.state.step == self.total_steps:
+                    self._log_train(sums, window_steps * accumulation, wait,
+                                    time.time() - window_start)
+                    wait, window_start, window_steps, sums = 0.0, time.time(), 0, {}
+                if self._agree_to_stop():
+                    return "stopped"
+                if self.state.step % self.config.run.checkpoint_every == 0:
+                    self._save()
+                if self.state.step >= self.total_steps:
+                    return "finished"
+            fetch_start = time.time()
+        return "finished"
+
+    def _micro_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        """Forward + backward of one micro-batch; None when it was skipped as non-finite."""
+        batch = _to_device(batch, self.device)
+        output = self.engine(batch, group=self.group)
+        finite = torch.tensor([float(torch.isfinite(output.loss).item())])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() < 1:
+            self.state.nonfinite_in_row += 1
+            self.state.skipped_steps += 1
+            log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)",
+                        self.state.step, self.state.nonfinite_in_row)
+            if self.state.nonfinite_in_row >= self.config.run.max_nonfinite:
+                raise RuntimeError(f"{self.state.nonfinite_in_row} non-finite losses in a row at "
+                                   f"step {self.state.step}: stopping (lower the lr in ds.json, "
+                                   f"check the data, or raise run.max_nonfinite)")
+            return None
+        self.state.nonfinite_in_row = 0
+        self.engine.backward(output.loss)
+        self.engine.step()
+        return {name: float(getattr(output, name).detach()) for name in LOSS_NAMES} | {
+            "logit_scale": float(output.logit_scale)}
+
+    def _log_train(self, sums: dict[str, float], micro_batches: int, wait: float,
+                   elapsed: float) -> None:
+        values = torch.tensor([sums.get(n, 0.0) for n in (*LOSS_NAMES, "logit_scale")]
+                              + [float(micro_batches)], dtype=torch.float64)
+        dist.all_reduce(values)
+        count = max(values[-1].item(), 1.0)
+        record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": _float(self.engine.get_global_grad_norm()),
+                  "samples_per_s": micro_batches * self.engine.train_micro_batch_size_per_gpu()
+                  * self.world_size / max(elapsed, 1e-9),
+                  "data_wait_fraction": wait / max(elapsed, 1e-9),
+                  "skipped_steps": self.state.skipped_steps}
+        for index, name in enumerate((*LOSS_NAMES, "logit_scale")):
+            record[name] = values[index].item() / count
+        record.update(self.telemetry.read())
+        self.metrics.write(record)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def _validate(self) -> None:
+        if self.val_loader is None:
+            return
+        self.engine.eval()
+        sums, batches, ecg, text = torch.zeros(len(LOSS_NAMES), dtype=torch.float64), 0, [], []
+        for batch in self.val_loader:
+            keep = ~batch["is_repeat"]
+            output = self.engine(_to_device(batch, self.device), group=self.group)
+            sums += torch.tensor([float(getattr(output, n)) for n in LOSS_NAMES], dtype=torch.float64)
+            batches += 1
+            ecg.append(output.ecg_global[keep.to(self.device)].float().cpu())
+            text.append(output.text_global[keep.to(self.device)].float().cpu())
+        self.engine.train()
+        dist.all_reduce(sums)
+        record = {f"val_{n}": (sums[i] / max(batches * self.world_size, 1)).item()
+                  for i, n in enumerate(LOSS_NAMES)}
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, (torch.cat(ecg), torch.cat(text)))
+        all_ecg = torch.cat([g[0] for g in gathered])
+        all_text = torch.cat([g[1] for g in gathered])
+        record |= {f"val_{k}": v for k, v in retrieval_recall(all_ecg, all_text).items()}
+        record |= {"kind": "val", "step": self.state.step, "epoch": self.state.epoch,
+                   "val_samples": int(all_ecg.shape[0])}
+        self.state.last_val = record
+        self.metrics.write(record)
+
+    # ------------------------------------------------------------------ stop / save
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        log.warning("rank %d: %s received, stopping after this step", self.rank,
+                    signal.Signals(signum).name)
+        self.stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _save(self) -> None:
+        rank_state = {"loader": self.train_loader.state_dict(),
+                      "run": dataclasses.asdict(self.state)}
+        meta = {"model_config": self.model_config_dict, "train_config": self.config.to_dict(),
+                "step": self.state.step}
+        checkpoint.save(self.engine, self.checkpoints, self.state.step, rank_state, meta,
+                        self.config.run.keep_checkpoints)
+
+    def _load(self) -> None:
+        latest = checkpoint.read_latest(self.checkpoints)
+        state = checkpoint.load(self.engine, self.checkpoints, latest["tag"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.state = RunState(**state["run"])
+        log.info("resumed from %s (step %d)", latest["tag"], self.state.step)
+
+    def _export(self) -> str | None:
+        path = os.path.join(self.config.run.out, "export")
+        if self.rank == 0:
+            self.model.save_pretrained(path)
+        dist.barrier()
+        return path
+
+    def _summary(self, status: str, seconds: float, export: str | None) -> dict[str, Any]:
+        latest = checkpoint.read_latest(self.checkpoints)
+        return {"status": status, "step": self.state.step, "total_steps": self.total_steps,
+                "epoch": self.state.epoch, "seconds": seconds, "world_size": self.world_size,
+                "precision": self.precision, "skipped_steps": self.state.skipped_steps,
+                "bad_samples": self.train_loader.num_bad_samples,
+                "checkpoint": os.path.join(self.checkpoints, latest["tag"]) if latest else None,
+                "export": export, "validation": self.state.last_val}
+
+    def close(self) -> None:
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _single_process_env() -> None:
+    """Let ``python launch/pretrain.py`` run as a world of one, without a launcher."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _has_split(shards: str, split: str) -> bool:
+    with open(os.path.join(shards, "manifest.json"), encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    return any(e["split"] == split and e["num_samples"] > 0 for e in manifest["shards"])
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value)

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = list(args.overrides)
-    overrides += [f"data.shards={args.shards}"] if args.shards else []
+    # an explicit --shards must exist: never build the synthetic demo set in its place
+    overrides += [f"data.shards={args.shards}", "data.build_demo_if_missing=false"] if args.shards else []
     overrides += [f"run.out={args.out}"] if args.out else []
     overrides += [f"optim.max_steps={args.max_steps}"] if args.max_steps else []
     trainer = None

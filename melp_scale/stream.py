@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import signal
 import tarfile
 from collections import OrderedDict
 from typing import Any, Iterator, Literal
@@ -405,6 +406,13 @@ def _collate(samples: list[dict[str, Any] | None], is_repeat: list[bool],
 # ----------------------------------------------------------------------------- the loader
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to their rank, which finishes its step, checkpoints and
+    then shuts them down (SLURM signals every process of a job, workers included)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class StreamLoader:
     """Iterates one rank's batches epoch after epoch, with a resumable position.
 
@@ -458,9 +466,13 @@ class StreamLoader:
                               start_batch=self.batches_consumed, rank=self.rank,
                               world_size=self.world_size)
         workers = min(c.num_workers, self.num_batches - self.batches_consumed)
+        # A private generator: DataLoader otherwise draws its workers' base seed from the
+        # global torch RNG, which would shift the model's dropout stream on a resume.
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.epoch)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=c.pin_memory,
                             prefetch_factor=c.prefetch_factor if workers > 0 else None,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=generator,
+                            worker_init_fn=_ignore_stop_signals if workers > 0 else None)
         for batch in loader:
             bad_keys = batch.pop("bad_keys")
             if bad_keys:

@@ -36,7 +36,6 @@ class RunState:
     """What the loop carries from step to step (and into checkpoints)."""
 
     step: int = 0
-    epoch: int = 0
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
     last_val: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -132,17 +131,18 @@ class Trainer:
         if self.resume:
             self._load()
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        start, status = time.time(), "finished"
+        start, status = time.time(), "running"
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="pretrain", unit="step",
                    disable=self.rank != 0, dynamic_ncols=True)
         try:
-            while self.state.step < self.total_steps and status == "finished":
+            while status == "running" and self.state.step < self.total_steps:
                 status = self._epoch(bar)
-                if self.train_loader.batches_consumed == 0 and status == "finished":
-                    self.state.epoch += 1
+                if status == "epoch_end":
                     self._validate()
-            if not self.state.last_val or status != "finished":
-                self._validate() if status == "finished" else None
+                    status = "running"
+            status = "stopped" if status == "stopped" else "finished"
+            if status == "finished" and self.state.last_val.get("step") != self.state.step:
+                self._validate()
             self._save()
             export = self._export() if status == "finished" else None
         finally:
@@ -152,18 +152,16 @@ class Trainer:
         return self._summary(status, time.time() - start, export)
 
     def _epoch(self, bar: tqdm) -> str:
-        """Train until the loader's epoch ends, the last step, or a stop; return the status."""
+        """Train to the end of the loader's epoch ("epoch_end"), the last step ("done") or a
+        stop request ("stopped")."""
         accumulation = self.engine.gradient_accumulation_steps()
         wait, window_start, window_steps, sums = 0.0, time.time(), 0, {}
         fetch_start = time.time()
         for batch in self.train_loader:
             wait += time.time() - fetch_start
             losses = self._micro_step(batch)
-            if losses is not None:
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + value
-            if self.engine.is_gradient_accumulation_boundary() or losses is None:
-                pass
+            for name, value in (losses or {}).items():
+                sums[name] = sums.get(name, 0.0) + value
             if self.engine.global_steps > self.state.step:  # an optimiser step happened
                 self.state.step = self.engine.global_steps
                 self.model.clamp_logit_scale_()
@@ -175,18 +173,18 @@ class Trainer:
                     wait, window_start, window_steps, sums = 0.0, time.time(), 0, {}
                 if self._agree_to_stop():
                     return "stopped"
+                if self.state.step >= self.total_steps:
+                    return "done"
                 if self.state.step % self.config.run.checkpoint_every == 0:
                     self._save()
-                if self.state.step >= self.total_steps:
-                    return "finished"
             fetch_start = time.time()
-        return "finished"
+        return "epoch_end"
 
     def _micro_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
         """Forward + backward of one micro-batch; None when it was skipped as non-finite."""
         batch = _to_device(batch, self.device)
         output = self.engine(batch, group=self.group)
-        finite = torch.tensor([float(torch.isfinite(output.loss).item())])
+        finite = torch.isfinite(output.loss.detach()).float().reshape(1)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
             self.state.nonfinite_in_row += 1
@@ -207,10 +205,10 @@ class Trainer:
     def _log_train(self, sums: dict[str, float], micro_batches: int, wait: float,
                    elapsed: float) -> None:
         values = torch.tensor([sums.get(n, 0.0) for n in (*LOSS_NAMES, "logit_scale")]
-                              + [float(micro_batches)], dtype=torch.float64)
+                              + [float(micro_batches)], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         count = max(values[-1].item(), 1.0)
-        record = {"kind": "train", "step": self.state.step, "epoch": self.state.epoch,
+        record = {"kind": "train", "step": self.state.step, "epoch": self.train_loader.epoch,
                   "lr": self.scheduler.get_last_lr()[0],
                   "grad_norm": _float(self.engine.get_global_grad_norm()),
                   "samples_per_s": micro_batches * self.engine.train_micro_batch_size_per_gpu()
@@ -228,11 +226,12 @@ class Trainer:
         if self.val_loader is None:
             return
         self.engine.eval()
-        sums, batches, ecg, text = torch.zeros(len(LOSS_NAMES), dtype=torch.float64), 0, [], []
+        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
+        batches, ecg, text = 0, [], []
         for batch in self.val_loader:
             keep = ~batch["is_repeat"]
             output = self.engine(_to_device(batch, self.device), group=self.group)
-            sums += torch.tensor([float(getattr(output, n)) for n in LOSS_NAMES], dtype=torch.float64)
+            sums += torch.stack([getattr(output, n).detach().double() for n in LOSS_NAMES])
             batches += 1
             ecg.append(output.ecg_global[keep.to(self.device)].float().cpu())
             text.append(output.text_global[keep.to(self.device)].float().cpu())
@@ -245,7 +244,7 @@ class Trainer:
         all_ecg = torch.cat([g[0] for g in gathered])
         all_text = torch.cat([g[1] for g in gathered])
         record |= {f"val_{k}": v for k, v in retrieval_recall(all_ecg, all_text).items()}
-        record |= {"kind": "val", "step": self.state.step, "epoch": self.state.epoch,
+        record |= {"kind": "val", "step": self.state.step, "epoch": self.train_loader.epoch,
                    "val_samples": int(all_ecg.shape[0])}
         self.state.last_val = record
         self.metrics.write(record)
@@ -257,7 +256,7 @@ class Trainer:
         self.stop_requested = True
 
     def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -286,7 +285,7 @@ class Trainer:
     def _summary(self, status: str, seconds: float, export: str | None) -> dict[str, Any]:
         latest = checkpoint.read_latest(self.checkpoints)
         return {"status": status, "step": self.state.step, "total_steps": self.total_steps,
-                "epoch": self.state.epoch, "seconds": seconds, "world_size": self.world_size,
+                "epoch": self.train_loader.epoch, "seconds": seconds, "world_size": self.world_size,
                 "precision": self.precision, "skipped_steps": self.state.skipped_steps,
                 "bad_samples": self.train_loader.num_bad_samples,
                 "checkpoint": os.path.join(self.checkpoints, latest["tag"]) if latest else None,

@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shards", help="shard folder (overrides data.shards)")
     parser.add_argument("--out", help="run folder (overrides run.out)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue from the latest checkpoint if there is one (SLURM requeue)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.warmup_steps=50")
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_train_config(args.config, overrides)
         from melp_scale.train.loop import Trainer
 
-        trainer = Trainer(config, args.ds_config, resume=args.resume)
+        resume = "latest" if args.resume else "auto" if args.auto_resume else None
+        trainer = Trainer(config, args.ds_config, resume=resume)
         summary = trainer.run()
         if trainer.rank == 0:
             print_summary(summary)

@@ -44,7 +44,8 @@ class RunState:
 class Trainer:
     """Builds everything for one run; ``run()`` trains and returns the end summary."""
 
-    def __init__(self, config: TrainConfig, ds_config_path: str, resume: bool = False):
+    def __init__(self, config: TrainConfig, ds_config_path: str, resume: str | None = None):
+        """``resume``: None (fresh run), "latest" (must resume) or "auto" (resume if possible)."""
         import deepspeed
 
         self.config, self.resume = config, resume
@@ -85,6 +86,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _check_out_folder(self) -> None:
         existing = checkpoint.read_latest(self.checkpoints)
+        if self.resume == "auto":
+            self.resume = "latest" if existing is not None else None
         if self.resume:
             checkpoint.check_resumable(self.checkpoints, self.model_config_dict, self.world_size)
         elif existing is not None:

@@ -235,3 +235,29 @@ def test_bad_arguments_fail_clearly(tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 2
     assert "no record_list.csv" in capsys.readouterr().err
     assert main(["verify", str(tmp_path / "empty")]) == 2
+
+
+def test_format16_fast_path_equals_wfdb(tmp_path):
+    import wfdb
+
+    from melp_scale.shard.sources.wfdb_io import load_wfdb
+    from tests.shard_trees import write_wfdb
+
+    rng = np.random.default_rng()
+    signal = ecg_like(rng, 1234, 250)
+    signal[5:9, 2] = np.nan  # written as WFDB's invalid sample
+    folder = str(tmp_path)
+    wfdb.wrsamp("r", fs=250, units=["mV"] * 12, sig_name=CANONICAL, p_signal=signal,
+                 fmt=["16"] * 12, adc_gain=[400.0] * 12, baseline=list(range(-6, 6)),
+                 write_dir=folder)
+    fast = load_wfdb(os.path.join(folder, "r"))
+    reference = wfdb.rdrecord(os.path.join(folder, "r"))
+    assert fast.fs == 250.0 and fast.leads == CANONICAL
+    np.testing.assert_array_equal(np.isnan(fast.signal), np.isnan(reference.p_signal))
+    np.testing.assert_allclose(fast.signal, reference.p_signal, rtol=0, atol=1e-12)
+    write_wfdb(folder, "s", signal[:, :3], 250, ["I", "II", "III"])
+    with open(os.path.join(folder, "s.dat"), "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(SkipRecord) as error:
+        load_wfdb(os.path.join(folder, "s"))
+    assert error.value.reason == "truncated_signal"

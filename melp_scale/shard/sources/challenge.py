@@ -15,7 +15,7 @@ import pandas as pd
 
 from melp_scale.shard.record import RecordRef, SkipRecord
 from melp_scale.shard.sources import Listing, SourceOptions, find_headers
-from melp_scale.shard.sources.wfdb_io import load_challenge, parse_challenge_header
+from melp_scale.shard.sources.wfdb_io import load_challenge, parse_header
 
 # The nine CPSC2018 classes (China Physiological Signal Challenge 2018 description).
 CPSC2018_NAMES = {
@@ -48,7 +48,7 @@ def list_records(root: str, options: SourceOptions) -> Listing:
     for path in find_headers(root):
         record_id = os.path.basename(path)
         try:
-            header = parse_challenge_header(path + ".hea")
+            header = parse_header(path + ".hea")
         except SkipRecord as skip:
             skipped.append((record_id, skip.reason, skip.detail))
             continue

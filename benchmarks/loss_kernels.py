@@ -9,9 +9,15 @@ Implementations: the PyTorch reference (eager), the reference under torch.compil
 on CUDA only: compiling on the CPU takes minutes), and the Triton kernel (CUDA only; an op
 without a kernel yet shows the reference only). Sizes follow the paper's configuration:
 InfoNCE at D = 256 for per-GPU batches 64…4096 and large N (16384, 32768); attention pooling
-with B = 64, Q ∈ {10, 128}, N = 312 keys, D ∈ {256, 768}, 8 heads; the local loss with
-B = 64…256, Qb = 10 beats, S = 18 sentences, D = 256. CUDA runs use bf16 inputs (training
-precision), CPU runs fp32 and fewer sizes.
+at MELP's two pooler shapes (Q = 10 beat queries at D = 256, Q = 128 caption queries at
+D = 768; 8 heads, N = 312 ECG tokens, a quarter padded on average) for B = 64…1024, also
+against SDPA (CUDA: flash, which takes no padding mask and so runs unmasked, and
+memory-efficient; CPU: the default backend) — the op reads K and V once at ≈ Q FLOP/byte,
+under the H100's ridge, so its roofline column is the bandwidth-floor fraction; the local loss with
+B = 64…1024, Qb = 10 beats, S = 18 sentences (MIMIC reports have at most 18 statements;
+counts drawn in 1…18, one text without sentences), D = 256 — the reference's B×B×S×D context
+tensor is 19 GB in fp32 at B = 1024, and an out-of-memory failure is recorded as a row, not
+raised. CUDA runs use bf16 inputs (training precision), CPU runs fp32 and fewer sizes.
 
 FLOPs are the useful multiply-adds ×2 of each op (forward; forward+backward), bytes the
 inputs read and outputs written once — the roofline a perfect fused kernel reaches.
@@ -25,6 +31,8 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `kernels` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,17 +50,22 @@ from benchmarks.harness import (
 from kernels import reference
 
 OPS = ("infonce", "attention_pool", "local_loss")
+POOLER_SHAPES = [(10, 256), (128, 768)]  # (Q, D): the beat pooler, the caption pooler
 SIZES: dict[str, dict[str, list]] = {
     "gpu": {
         "infonce": [64, 128, 256, 512, 1024, 2048, 4096, 16384, 32768],
-        "attention_pool": [(10, 256), (10, 768), (128, 256), (128, 768)],
-        "local_loss": [64, 128, 256],
+        "attention_pool": [(batch, *pooler) for pooler in POOLER_SHAPES for batch in (64, 128, 256, 512, 1024)],
+        "local_loss": [64, 128, 256, 512, 1024],
     },
-    "cpu": {"infonce": [64, 256, 1024, 2048], "attention_pool": [(10, 256), (128, 256)], "local_loss": [64, 128]},
-    "quick": {"infonce": [64, 512], "attention_pool": [(10, 256)], "local_loss": [32]},
+    "cpu": {
+        "infonce": [64, 256, 1024, 2048],
+        "attention_pool": [(64, *pooler) for pooler in POOLER_SHAPES],
+        "local_loss": [64, 128],
+    },
+    "quick": {"infonce": [64, 512], "attention_pool": [(64, 10, 256)], "local_loss": [32]},
 }
 INFONCE_DIM = 256
-POOL_BATCH, POOL_KEYS, POOL_HEADS = 64, 312, 8
+POOL_KEYS, POOL_HEADS = 312, 8
 LOCAL_BEATS, LOCAL_SENTENCES, LOCAL_DIM = 10, 18, 256
 
 
@@ -80,8 +93,10 @@ def infonce_workload(num_rows: int, device: torch.device, dtype: torch.dtype) ->
     )
 
 
-def attention_pool_workload(num_queries: int, dim: int, device: torch.device, dtype: torch.dtype) -> Workload:
-    batch, num_keys = POOL_BATCH, POOL_KEYS
+def attention_pool_workload(
+    batch: int, num_queries: int, dim: int, device: torch.device, dtype: torch.dtype
+) -> Workload:
+    num_keys = POOL_KEYS
 
     def make_inputs():
         queries = _leaf(torch.randn(num_queries, dim, device=device, dtype=dtype))
@@ -97,7 +112,7 @@ def attention_pool_workload(num_queries: int, dim: int, device: torch.device, dt
     io_bytes = (num_queries * dim + batch * num_queries * dim) * element
     mask_bytes = batch * num_keys
     return Workload(
-        "attention_pool", f"Q={num_queries} D={dim}",
+        "attention_pool", f"B={batch} Q={num_queries} D={dim}",
         {"B": batch, "Q": num_queries, "N": num_keys, "D": dim, "heads": POOL_HEADS}, make_inputs,
         flops={"forward": forward_flops, "forward+backward": 3 * forward_flops},  # bwd: dP, dV, dK, dq
         min_bytes={
@@ -142,6 +157,35 @@ PUBLIC_OPS = {
     "attention_pool": kernels.attention_pool,
     "local_loss": kernels.local_contrastive_loss,
 }
+
+
+def _sdpa_pool(backends: list[SDPBackend], use_mask: bool):
+    """attention_pool through F.scaled_dot_product_attention on (B, H, L, d) head views."""
+
+    def pool(queries, keys, values, num_heads, key_padding_mask=None):
+        batch, _, dim = keys.shape
+        if queries.ndim == 2:
+            queries = queries.expand(batch, -1, -1)  # shared queries: autograd sums dq over the batch
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, d)
+            return x.view(batch, x.shape[1], num_heads, dim // num_heads).transpose(1, 2)
+
+        mask = ~key_padding_mask[:, None, None, :] if use_mask and key_padding_mask is not None else None
+        with sdpa_kernel(backends):
+            out = F.scaled_dot_product_attention(heads(queries), heads(keys), heads(values), attn_mask=mask)
+        return out.transpose(1, 2).reshape(batch, queries.shape[1], dim)  # (B, Q, D)
+
+    return pool
+
+
+def sdpa_variants(on_cuda: bool) -> list[Variant]:
+    """SDPA baselines of attention_pool; a backend that rejects the inputs is recorded as failed."""
+    if not on_cuda:
+        return [Variant("sdpa", _sdpa_pool([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], use_mask=True))]
+    return [
+        Variant("sdpa-flash-unmasked", _sdpa_pool([SDPBackend.FLASH_ATTENTION], use_mask=False)),
+        Variant("sdpa-mem-efficient", _sdpa_pool([SDPBackend.EFFICIENT_ATTENTION], use_mask=True)),
+    ]
 
 
 def _triton_variant(op: str, workload: Workload) -> Variant | None:
@@ -222,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         variants = [Variant("reference", REFERENCES[workload.op])]
         if use_compile:
             variants.append(Variant("reference+compile", compiled[workload.op]))
+        if workload.op == "attention_pool":
+            variants += sdpa_variants(on_cuda)
         if on_cuda:
             if workload.op not in triton_variants:
                 triton_variants[workload.op] = _triton_variant(workload.op, workload)

@@ -13,43 +13,10 @@ of ``melp_scale``; the nn.Modules wrapping these ops live there.
 
 from __future__ import annotations
 
-import torch
-
 from kernels import reference
-from kernels._utils import Impl, resolve_impl
+from kernels.attention_pool import attention_pool  # rebinds `kernels.attention_pool` from the module to the op
 from kernels.infonce import infonce_loss
+from kernels.local_contrastive import local_contrastive_loss
 
 __all__ = ["attention_pool", "infonce_loss", "local_contrastive_loss", "reference"]
 
-
-def attention_pool(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    num_heads: int,
-    key_padding_mask: torch.Tensor | None = None,
-    impl: Impl = "auto",
-) -> torch.Tensor:
-    """Multi-head attention pooling (B, Q, D); see ``kernels.reference.attention_pool``.
-
-    No Triton kernel yet: "auto" runs the reference, "triton" raises ``ValueError``.
-    """
-    resolve_impl(impl, "attention_pool", [queries, keys, values], has_triton=False)
-    return reference.attention_pool(queries, keys, values, num_heads, key_padding_mask)
-
-
-def local_contrastive_loss(
-    beats: torch.Tensor,
-    sentences: torch.Tensor,
-    sentence_counts: torch.Tensor,
-    t1: float = 4.0,
-    t2: float = 5.0,
-    t3: float = 10.0,
-    impl: Impl = "auto",
-) -> torch.Tensor:
-    """Local beat-sentence loss (scalar); see ``kernels.reference.local_contrastive_loss``.
-
-    No Triton kernel yet: "auto" runs the reference, "triton" raises ``ValueError``.
-    """
-    resolve_impl(impl, "local_contrastive_loss", [beats, sentences], has_triton=False)
-    return reference.local_contrastive_loss(beats, sentences, sentence_counts, t1, t2, t3)

@@ -40,7 +40,9 @@ def resolve_impl(impl: str, op_name: str, tensors: list[torch.Tensor], has_trito
     if impl == "reference":
         return "reference"
     if impl == "auto":
-        return "triton" if (has_triton and on_cuda and dtype_ok) else "reference"
+        # MELP_KERNEL_IMPL=reference turns every "auto" into the reference (A/B runs, debugging)
+        forced = os.environ.get("MELP_KERNEL_IMPL", "auto") == "reference"
+        return "triton" if (has_triton and on_cuda and dtype_ok and not forced) else "reference"
     if not has_triton:
         raise ValueError(f"{op_name}: there is no Triton kernel for this op yet; use impl='reference' or 'auto'")
     if not dtype_ok:

@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_train_config(args.config, overrides)
         from melp_scale.train.loop import Trainer
+        from melp_scale.train.melp_task import MELPTask
 
         resume = "latest" if args.resume else "auto" if args.auto_resume else None
-        trainer = Trainer(config, args.ds_config, resume=resume)
+        trainer = Trainer(MELPTask(config), args.ds_config, resume=resume)
         summary = trainer.run()
         if trainer.rank == 0:
             print_summary(summary)

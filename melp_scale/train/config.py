@@ -37,10 +37,15 @@ class OptimConfig:
     """The schedule (the optimiser itself is ds.json's ``optimizer`` section)."""
 
     warmup_steps: int = 100  # linear warm-up from 0 (without it both towers collapse, METHOD.md §4)
-    min_lr_ratio: float = 0.01  # cosine decay ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.01  # the decay ends at lr * min_lr_ratio
+    decay: str = "cosine"  # after the warm-up: "cosine" or "linear" decay
     epochs: int = 100  # epochs (the run stops at whichever of epochs / max_steps comes first)
     max_steps: int | None = None  # optimiser steps in all; None: epochs * steps per epoch
     seed: int = 0  # model initialisation, dropout and data order
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"optim.decay {self.decay!r}: choose 'cosine' or 'linear'")
 
 
 @dataclasses.dataclass
@@ -52,6 +57,7 @@ class RunConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept
     log_every: int = 10  # steps between metric lines
     validate: bool = True  # validation losses + retrieval each epoch and at the end
+    validate_at_start: bool = False  # also validate before the first step (a "before" baseline)
     max_nonfinite: int = 5  # consecutive non-finite losses (skipped steps) before stopping
     telemetry: bool = True  # GPU telemetry through pynvml when GPUs exist
 
@@ -112,10 +118,13 @@ def _deep_update(tree: dict[str, Any], update: dict[str, Any]) -> None:
             tree[key] = value
 
 
-def load_train_config(config: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a preset name (``launch/configs/NAME.yaml``) or a YAML path, then ``key=value`` overrides.
+def read_config_tree(config: str, overrides: list[str] | tuple[str, ...] = (),
+                     rename: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    """The YAML tree of a preset name (``launch/configs/NAME.yaml``) or a YAML path, with the
+    ``key=value`` overrides applied; returns (tree, path).
 
-    ``model.X.Y=v`` overrides a model field; ``model=paper`` picks another model preset.
+    ``rename`` maps a dotted key prefix to another one before nesting (the MELP config writes
+    ``model.ecg.num_layers=4`` for ``model_overrides.ecg.num_layers``).
     """
     path = config if config.endswith((".yaml", ".yml")) else os.path.join(CONFIG_DIR, f"{config}.yaml")
     if not os.path.isfile(path):
@@ -127,26 +136,44 @@ def load_train_config(config: str = "demo", overrides: list[str] | tuple[str, ..
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value")
-        if key.startswith("model.") and key != "model":
-            key = "model_overrides." + key[len("model."):]
+        for old, new in (rename or {}).items():
+            if key.startswith(old):
+                key = new + key[len(old):]
         _deep_update(tree, _nest(key, _parse_value(value)))
-    return build_train_config(tree, path)
+    return tree, path
 
 
-def build_train_config(tree: dict[str, Any], where: str = "config") -> TrainConfig:
-    known = {"model", "model_overrides", *_SECTIONS}
+def build_sections(tree: dict[str, Any], sections: dict[str, type], where: str,
+                   extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Each of ``sections`` (name -> dataclass) built from ``tree[name]``; unknown keys, at the
+    top (other than ``extra_keys``) or inside a section, are ``ValueError``s naming them."""
+    known = {*extra_keys, *sections}
     unknown = set(tree) - known
     if unknown:
         raise ValueError(f"{where}: unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
-    sections = {}
-    for name, cls in _SECTIONS.items():
+    built = {}
+    for name, cls in sections.items():
         values = tree.get(name) or {}
         fields = {f.name for f in dataclasses.fields(cls)}
         bad = set(values) - fields
         if bad:
             raise ValueError(f"{where}: unknown config key(s) {[f'{name}.{b}' for b in sorted(bad)]}; "
                              f"known in {name}: {sorted(fields)}")
-        sections[name] = cls(**values)
+        built[name] = cls(**values)
+    return built
+
+
+def load_train_config(config: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a preset name (``launch/configs/NAME.yaml``) or a YAML path, then ``key=value`` overrides.
+
+    ``model.X.Y=v`` overrides a model field; ``model=paper`` picks another model preset.
+    """
+    tree, path = read_config_tree(config, overrides, rename={"model.": "model_overrides."})
+    return build_train_config(tree, path)
+
+
+def build_train_config(tree: dict[str, Any], where: str = "config") -> TrainConfig:
+    sections = build_sections(tree, _SECTIONS, where, extra_keys=("model", "model_overrides"))
     train = TrainConfig(model=tree.get("model", "demo"),
                         model_overrides=tree.get("model_overrides") or {}, **sections)
     train.model_config()  # validates the preset name and the overrides now

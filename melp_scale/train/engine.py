@@ -4,7 +4,7 @@ ds.json's ``optimizer`` section (AdamW, betas, weight decay, lr) is honoured, bu
 is built here as ``torch.optim.AdamW`` and handed to DeepSpeed (ZeRO-2 partitions any torch
 optimiser): weight decay then applies to weight matrices only, not to biases, norms, learned
 queries or the logit scale, and no DeepSpeed-specific CUDA op is needed on a CPU. The
-schedule is a linear warm-up then cosine decay, stepped by the engine.
+schedule is a linear warm-up then a cosine (or linear) decay, stepped by the engine.
 """
 from __future__ import annotations
 
@@ -90,13 +90,17 @@ def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch.
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                  min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr x (step / warmup) during warm-up, then a cosine from 1 to ``min_ratio``."""
+                  min_ratio: float, decay: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """lr x (step / warmup) during warm-up, then a cosine (or, with ``decay="linear"``, a
+    straight line) from 1 to ``min_ratio``."""
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"optim.decay {decay!r}: choose 'cosine' or 'linear'")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * shape
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

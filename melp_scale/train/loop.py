@@ -1,15 +1,20 @@
-"""The pretraining loop: DeepSpeed ZeRO-2, equal batches per rank, resumable, observable.
+"""The training loop: DeepSpeed ZeRO-2, equal batches per rank, resumable, observable.
+
+Generic over a :class:`~melp_scale.train.task.Task` (model, loaders, forward, validation,
+export): ``MELPTask`` (stage 2, ``launch/pretrain.py``) and ``MLMTask`` (stage 1, the text
+encoder, ``launch/pretrain_text.py``) share this one loop.
 
 One optimiser step per ``gradient_accumulation_steps`` micro-batches (DeepSpeed counts them).
-After each step: the logit scale is clamped (METHOD.md §3), a stop request (SIGTERM/SIGINT
-on any rank) is agreed on by all ranks, checkpoints are written every ``checkpoint_every``
-steps, at the end and on a stop. A non-finite loss on any rank skips that micro-batch on all
-ranks (so ZeRO's collectives stay matched); ``max_nonfinite`` in a row stops the run.
+After each step: the task's hook runs (MELP clamps the logit scale, METHOD.md §3), a stop
+request (SIGTERM/SIGINT on any rank) is agreed on by all ranks, checkpoints are written every
+``checkpoint_every`` steps, at the end and on a stop. A non-finite loss on any rank skips that
+micro-batch on all ranks (so ZeRO's collectives stay matched); ``max_nonfinite`` in a row stops
+the run. Validation runs each epoch, at the end, and before the first step with
+``run.validate_at_start``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -20,15 +25,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from melp_scale.model import MELP
-from melp_scale.stream import StreamConfig, StreamLoader
 from melp_scale.train import checkpoint
-from melp_scale.train.config import TrainConfig
 from melp_scale.train.engine import build_optimizer, load_ds_config, warmup_cosine
-from melp_scale.train.metrics import GpuTelemetry, MetricsLog, retrieval_recall
+from melp_scale.train.metrics import GpuTelemetry, MetricsLog
+from melp_scale.train.task import Placement, Task, to_device
 
 log = logging.getLogger("melp_scale.train")
-LOSS_NAMES = ("loss", "loss_global", "loss_caption", "loss_local")
 
 
 @dataclasses.dataclass
@@ -39,16 +41,18 @@ class RunState:
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
     last_val: dict[str, float] = dataclasses.field(default_factory=dict)
+    first_val: dict[str, float] = dataclasses.field(default_factory=dict)  # before training
 
 
 class Trainer:
     """Builds everything for one run; ``run()`` trains and returns the end summary."""
 
-    def __init__(self, config: TrainConfig, ds_config_path: str, resume: str | None = None):
+    def __init__(self, task: Task, ds_config_path: str, resume: str | None = None):
         """``resume``: None (fresh run), "latest" (must resume) or "auto" (resume if possible)."""
         import deepspeed
 
-        self.config, self.resume = config, resume
+        self.task, self.config, self.resume = task, task.config, resume
+        config = self.config
         self.use_cuda = torch.cuda.is_available()
         _single_process_env()
         deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo")
@@ -57,15 +61,19 @@ class Trainer:
                                    if self.use_cuda else "cpu")
         if self.use_cuda:
             torch.cuda.set_device(self.device)
+        self.placement = Placement(self.rank, self.world_size, self.device)
         self.ds_config, self.precision = load_ds_config(ds_config_path, self.world_size, self.use_cuda)
-        self.model_config = config.model_config()
-        self.model_config_dict = json.loads(json.dumps(self.model_config.to_dict()))
+        self.model_config_dict = task.model_config()
         self.checkpoints = os.path.join(config.run.out, "checkpoints")
         self._check_out_folder()
-        self._prepare_shards()
+        task.prepare_data(self.placement)
+        dist.barrier()
         torch.manual_seed(config.optim.seed)
-        self.model = MELP(self.model_config).to(self.device)
-        self.train_loader, self.val_loader = self._loaders()
+        self.model = task.build_model(self.placement).to(self.device)
+        self.train_loader, self.val_loader = task.build_loaders(
+            self.placement, self.ds_config["train_micro_batch_size_per_gpu"])
+        if not config.run.validate:
+            self.val_loader = None
         accumulation = self.ds_config.get("gradient_accumulation_steps", 1)
         self.steps_per_epoch = max(1, len(self.train_loader) // accumulation)
         self.total_steps = config.optim.epochs * self.steps_per_epoch
@@ -74,10 +82,12 @@ class Trainer:
         optimizer = build_optimizer(self.model, self.ds_config)
         self.base_lr = optimizer.param_groups[0]["lr"]
         scheduler = warmup_cosine(optimizer, config.optim.warmup_steps, self.total_steps,
-                                  config.optim.min_lr_ratio)
+                                  config.optim.min_lr_ratio, config.optim.decay)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
-        self.group = dist.group.WORLD if self.world_size > 1 else None
+        # train mode from the first step: HF from_pretrained returns a model in eval mode
+        # (dropout off), which a resumed run would otherwise not reproduce
+        self.engine.train()
         self.state = RunState()
         self.stop_requested = False
         self.metrics = MetricsLog(config.run.out, enabled=self.rank == 0)
@@ -94,50 +104,18 @@ class Trainer:
             raise ValueError(f"--out {self.config.run.out!r} already holds checkpoints (latest "
                              f"{existing['tag']}); pass --resume to continue it or choose another --out")
 
-    def _prepare_shards(self) -> None:
-        data = self.config.data
-        manifest = os.path.join(data.shards, "manifest.json")
-        if self.rank == 0 and not os.path.isfile(manifest):
-            if not data.build_demo_if_missing:
-                raise ValueError(f"--shards {data.shards!r} has no manifest.json; build it with "
-                                 f"`python -m melp_scale.shard build ... --out {data.shards}`")
-            from melp_scale.shard.build import BuildConfig, run_build
-            from melp_scale.shard.sources import SourceOptions
-
-            log.info("no shards at %s: building the synthetic demo set there", data.shards)
-            run_build(BuildConfig(source="synthetic", out=data.shards, val_fraction=0.125,
-                                  shard_size=48, workers=os.cpu_count() or 1,
-                                  options=SourceOptions()))
-        dist.barrier()
-        if not os.path.isfile(manifest):
-            raise ValueError(f"--shards {data.shards!r} has no manifest.json")
-
-    def _loaders(self) -> tuple[StreamLoader, StreamLoader | None]:
-        data, text = self.config.data, self.model_config.text
-        stream = StreamConfig(
-            shard_dir=data.shards, split="train",
-            batch_size=self.ds_config["train_micro_batch_size_per_gpu"],
-            num_workers=data.num_workers, seed=self.config.optim.seed,
-            shuffle_window=data.shuffle_window, normalize=data.normalize,
-            lead_mask_p=data.lead_mask_p, text_model=text.name_or_path,
-            max_text_length=text.max_length, on_error=data.on_error, verify=data.verify,
-            pin_memory=self.use_cuda)
-        train = StreamLoader(stream, self.rank, self.world_size)
-        val = None
-        if self.config.run.validate and _has_split(data.shards, "val"):
-            val = StreamLoader(stream.for_validation(), self.rank, self.world_size,
-                               tokenizer=train.tokenizer)
-        return train, val
-
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, Any]:
         if self.resume:
             self._load()
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         start, status = time.time(), "running"
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="pretrain", unit="step",
-                   disable=self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.task.name,
+                   unit="step", disable=self.rank != 0, dynamic_ncols=True)
         try:
+            if self.state.step == 0 and self.config.run.validate_at_start:
+                self._validate()
+                self.state.first_val = self.state.last_val
             while status == "running" and self.state.step < self.total_steps:
                 status = self._epoch(bar)
                 if status == "epoch_end":
@@ -167,7 +145,7 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value
             if self.engine.global_steps > self.state.step:  # an optimiser step happened
                 self.state.step = self.engine.global_steps
-                self.model.clamp_logit_scale_()
+                self.task.after_step(self.model)
                 window_steps += 1
                 bar.update(1)
                 if self.state.step % self.config.run.log_every == 0 or self.state.step == self.total_steps:
@@ -185,8 +163,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
         """Forward + backward of one micro-batch; None when it was skipped as non-finite."""
-        batch = _to_device(batch, self.device)
-        output = self.engine(batch, group=self.group)
+        output = self.task.forward(self.engine, to_device(batch, self.device))
         finite = torch.isfinite(output.loss.detach()).float().reshape(1)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
@@ -202,12 +179,12 @@ class Trainer:
         self.state.nonfinite_in_row = 0
         self.engine.backward(output.loss)
         self.engine.step()
-        return {name: float(getattr(output, name).detach()) for name in LOSS_NAMES} | {
-            "logit_scale": float(output.logit_scale)}
+        return {name: float(output.scalars[name]) for name in self.task.scalar_names}
 
     def _log_train(self, sums: dict[str, float], micro_batches: int, wait: float,
                    elapsed: float) -> None:
-        values = torch.tensor([sums.get(n, 0.0) for n in (*LOSS_NAMES, "logit_scale")]
+        names = self.task.scalar_names
+        values = torch.tensor([sums.get(n, 0.0) for n in names]
                               + [float(micro_batches)], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         count = max(values[-1].item(), 1.0)
@@ -218,7 +195,7 @@ class Trainer:
                   * self.world_size / max(elapsed, 1e-9),
                   "data_wait_fraction": wait / max(elapsed, 1e-9),
                   "skipped_steps": self.state.skipped_steps}
-        for index, name in enumerate((*LOSS_NAMES, "logit_scale")):
+        for index, name in enumerate(names):
             record[name] = values[index].item() / count
         record.update(self.telemetry.read())
         self.metrics.write(record)
@@ -229,26 +206,9 @@ class Trainer:
         if self.val_loader is None:
             return
         self.engine.eval()
-        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=self.device)
-        batches, ecg, text = 0, [], []
-        for batch in self.val_loader:
-            keep = ~batch["is_repeat"]
-            output = self.engine(_to_device(batch, self.device), group=self.group)
-            sums += torch.stack([getattr(output, n).detach().double() for n in LOSS_NAMES])
-            batches += 1
-            ecg.append(output.ecg_global[keep.to(self.device)].float().cpu())
-            text.append(output.text_global[keep.to(self.device)].float().cpu())
+        record = self.task.validate(self.engine, self.val_loader, self.placement)
         self.engine.train()
-        dist.all_reduce(sums)
-        record = {f"val_{n}": (sums[i] / max(batches * self.world_size, 1)).item()
-                  for i, n in enumerate(LOSS_NAMES)}
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, (torch.cat(ecg), torch.cat(text)))
-        all_ecg = torch.cat([g[0] for g in gathered])
-        all_text = torch.cat([g[1] for g in gathered])
-        record |= {f"val_{k}": v for k, v in retrieval_recall(all_ecg, all_text).items()}
-        record |= {"kind": "val", "step": self.state.step, "epoch": self.train_loader.epoch,
-                   "val_samples": int(all_ecg.shape[0])}
+        record |= {"kind": "val", "step": self.state.step, "epoch": self.train_loader.epoch}
         self.state.last_val = record
         self.metrics.write(record)
 
@@ -281,18 +241,19 @@ class Trainer:
     def _export(self) -> str | None:
         path = os.path.join(self.config.run.out, "export")
         if self.rank == 0:
-            self.model.save_pretrained(path)
+            self.task.export(self.model, path)
         dist.barrier()
         return path
 
     def _summary(self, status: str, seconds: float, export: str | None) -> dict[str, Any]:
         latest = checkpoint.read_latest(self.checkpoints)
-        return {"status": status, "step": self.state.step, "total_steps": self.total_steps,
+        return {"task": self.task.name, "status": status, "step": self.state.step, "total_steps": self.total_steps,
                 "epoch": self.train_loader.epoch, "seconds": seconds, "world_size": self.world_size,
                 "precision": self.precision, "skipped_steps": self.state.skipped_steps,
                 "bad_samples": self.train_loader.num_bad_samples,
                 "checkpoint": os.path.join(self.checkpoints, latest["tag"]) if latest else None,
-                "export": export, "validation": self.state.last_val}
+                "export": export, "export_format": self.task.export_format,
+                "validation": self.state.last_val, "validation_before": self.state.first_val}
 
     def close(self) -> None:
         self.metrics.close()
@@ -311,17 +272,6 @@ def _single_process_env() -> None:
         port = probe.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-
-
-def _has_split(shards: str, split: str) -> bool:
-    with open(os.path.join(shards, "manifest.json"), encoding="utf-8") as handle:
-        manifest = json.load(handle)
-    return any(e["split"] == split and e["num_samples"] > 0 for e in manifest["shards"])
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
 
 
 def _float(value: Any) -> float | None:

@@ -4,21 +4,26 @@ from __future__ import annotations
 from typing import Any
 
 
+def _metrics(record: dict[str, Any]) -> str:
+    return ", ".join(f"{k[4:]} {v:.3f}" for k, v in record.items()
+                     if k.startswith("val_") and isinstance(v, float))
+
+
 def print_summary(summary: dict[str, Any]) -> None:
-    val = summary.get("validation") or {}
+    val, before = summary.get("validation") or {}, summary.get("validation_before") or {}
     lines = [
         "",
-        f"== pretraining {summary['status']}: step {summary['step']}/{summary['total_steps']}, "
-        f"epoch {summary['epoch']}, {summary['seconds']:.0f} s on {summary['world_size']} rank(s), "
-        f"{summary['precision']} ==",
+        f"== {summary.get('task', 'pretraining')} {summary['status']}: step {summary['step']}/"
+        f"{summary['total_steps']}, epoch {summary['epoch']}, {summary['seconds']:.0f} s on "
+        f"{summary['world_size']} rank(s), {summary['precision']} ==",
     ]
+    if before:
+        lines.append(f"validation before training: {_metrics(before)}")
     if val:
-        lines.append("validation: " + ", ".join(
-            f"{k[4:]} {v:.3f}" for k, v in val.items()
-            if k.startswith("val_") and isinstance(v, float)))
+        lines.append(f"validation{' at the end' if before else ''}: {_metrics(val)}")
     lines.append(f"skipped non-finite steps: {summary['skipped_steps']}, "
                  f"bad samples: {summary['bad_samples']}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary.get("export"):
-        lines.append(f"export (MELP.from_pretrained): {summary['export']}")
+        lines.append(f"export ({summary.get('export_format') or 'model'}): {summary['export']}")
     print("\n".join(lines), flush=True)

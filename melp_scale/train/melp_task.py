@@ -1,0 +1,114 @@
+"""Stage 2: MELP pretraining on ECG/report shards (METHOD.md §2-§4), as a Trainer task."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from melp_scale.model import MELP
+from melp_scale.stream import StreamConfig, StreamLoader
+from melp_scale.train.config import TrainConfig
+from melp_scale.train.metrics import retrieval_recall
+from melp_scale.train.task import Placement, StepOutput, Task, to_device
+
+log = logging.getLogger("melp_scale.train")
+LOSS_NAMES = ("loss", "loss_global", "loss_caption", "loss_local")
+
+
+class MELPTask(Task):
+    """The three MELP losses on shards; validation adds ECG<->report retrieval recall."""
+
+    name = "pretraining"
+    scalar_names = (*LOSS_NAMES, "logit_scale")
+    export_format = "MELP.from_pretrained"
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        self.melp_config = config.model_config()
+
+    def model_config(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.melp_config.to_dict()))
+
+    def prepare_data(self, placement: Placement) -> None:
+        data = self.config.data
+        if placement.rank != 0 or os.path.isfile(os.path.join(data.shards, "manifest.json")):
+            return
+        if not data.build_demo_if_missing:
+            raise ValueError(f"--shards {data.shards!r} has no manifest.json; build it with "
+                             f"`python -m melp_scale.shard build ... --out {data.shards}`")
+        from melp_scale.shard.build import BuildConfig, run_build
+        from melp_scale.shard.sources import SourceOptions
+
+        log.info("no shards at %s: building the synthetic demo set there", data.shards)
+        run_build(BuildConfig(source="synthetic", out=data.shards, val_fraction=0.125,
+                              shard_size=48, workers=os.cpu_count() or 1,
+                              options=SourceOptions()))
+
+    def build_model(self, placement: Placement) -> nn.Module:
+        return MELP(self.melp_config)
+
+    def build_loaders(self, placement: Placement, micro_batch: int
+                      ) -> tuple[StreamLoader, StreamLoader | None]:
+        data, text = self.config.data, self.melp_config.text
+        if not os.path.isfile(os.path.join(data.shards, "manifest.json")):
+            raise ValueError(f"--shards {data.shards!r} has no manifest.json")
+        stream = StreamConfig(
+            shard_dir=data.shards, split="train", batch_size=micro_batch,
+            num_workers=data.num_workers, seed=self.config.optim.seed,
+            shuffle_window=data.shuffle_window, normalize=data.normalize,
+            lead_mask_p=data.lead_mask_p, text_model=text.name_or_path,
+            max_text_length=text.max_length, on_error=data.on_error, verify=data.verify,
+            pin_memory=placement.device.type == "cuda")
+        train = StreamLoader(stream, placement.rank, placement.world_size)
+        val = None
+        if _has_split(data.shards, "val"):
+            val = StreamLoader(stream.for_validation(), placement.rank, placement.world_size,
+                               tokenizer=train.tokenizer)
+        return train, val
+
+    def forward(self, engine: Any, batch: dict[str, Any]) -> StepOutput:
+        output = engine(batch, group=_group())
+        scalars = {name: getattr(output, name).detach() for name in LOSS_NAMES}
+        return StepOutput(output.loss, scalars | {"logit_scale": output.logit_scale})
+
+    def validate(self, engine: Any, loader: StreamLoader, placement: Placement) -> dict[str, float]:
+        sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=placement.device)
+        batches, ecg, text = 0, [], []
+        for batch in loader:
+            keep = ~batch["is_repeat"]
+            output = engine(to_device(batch, placement.device), group=_group())
+            sums += torch.stack([getattr(output, n).detach().double() for n in LOSS_NAMES])
+            batches += 1
+            ecg.append(output.ecg_global[keep.to(placement.device)].float().cpu())
+            text.append(output.text_global[keep.to(placement.device)].float().cpu())
+        dist.all_reduce(sums)
+        record = {f"val_{n}": (sums[i] / max(batches * placement.world_size, 1)).item()
+                  for i, n in enumerate(LOSS_NAMES)}
+        gathered = [None] * placement.world_size
+        dist.all_gather_object(gathered, (torch.cat(ecg), torch.cat(text)))
+        all_ecg = torch.cat([g[0] for g in gathered])
+        all_text = torch.cat([g[1] for g in gathered])
+        record |= {f"val_{k}": v for k, v in retrieval_recall(all_ecg, all_text).items()}
+        return record | {"val_samples": int(all_ecg.shape[0])}
+
+    def after_step(self, model: nn.Module) -> None:
+        model.clamp_logit_scale_()
+
+    def export(self, model: nn.Module, path: str) -> None:
+        model.save_pretrained(path)
+
+
+def _group() -> Any:
+    return dist.group.WORLD if dist.get_world_size() > 1 else None
+
+
+def _has_split(shards: str, split: str) -> bool:
+    with open(os.path.join(shards, "manifest.json"), encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    return any(e["split"] == split and e["num_samples"] > 0 for e in manifest["shards"])
+

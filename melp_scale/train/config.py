@@ -34,8 +34,10 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
-    """The schedule (the optimiser itself is ds.json's ``optimizer`` section)."""
+    """The schedule (the optimiser itself is ds.json's ``optimizer`` section; ``lr`` may override
+    its learning rate per preset, e.g. for the small demo model)."""
 
+    lr: float | None = None  # peak learning rate; None: ds.json's optimizer lr
     warmup_steps: int = 100  # linear warm-up from 0 (without it both towers collapse, METHOD.md §4)
     min_lr_ratio: float = 0.01  # the decay ends at lr * min_lr_ratio
     decay: str = "cosine"  # after the warm-up: "cosine" or "linear" decay

@@ -73,8 +73,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
-    """AdamW from ds.json's optimizer section (which is removed from ``ds_config``)."""
+def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any],
+                    lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW from ds.json's optimizer section (which is removed from ``ds_config``); ``lr``,
+    when given, replaces the section's learning rate."""
     section = ds_config.pop("optimizer", None) or {"type": "AdamW", "params": {}}
     if section.get("type", "AdamW").lower() != "adamw":
         raise ValueError(f"ds.json optimizer.type {section.get('type')!r}: only AdamW is supported")
@@ -83,7 +85,7 @@ def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any]) -> torch.
     if unknown:
         raise ValueError(f"ds.json optimizer.params: unknown {sorted(unknown)}")
     weight_decay = params.pop("weight_decay", 0.2)
-    lr = params.pop("lr", 2e-4)
+    lr = lr if lr is not None else params.pop("lr", 2e-4)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr,
                              betas=tuple(params.get("betas", (0.9, 0.95))),
                              eps=params.get("eps", 1e-8))

@@ -265,7 +265,7 @@ def _decode_npy(data: bytes) -> np.ndarray:
     return decode_npy(data)
 
 
-class _ShardReader:
+class ShardReader:
     """Random access to one shard's samples through an index of its tar headers."""
 
     def __init__(self, path: str, name: str, expected: int):
@@ -324,7 +324,7 @@ class ShardStream(IterableDataset):
             world_size=self.world_size, batch_size=c.batch_size, drop_last=c.drop_last,
             shuffle=c.shuffle, shuffle_window=c.shuffle_window)
         num_batches = len(shard) // c.batch_size
-        readers: OrderedDict[int, _ShardReader] = OrderedDict()
+        readers: OrderedDict[int, ShardReader] = OrderedDict()
         try:
             for b in range(self.start_batch + worker, num_batches, num_workers):
                 rows = slice(b * c.batch_size, (b + 1) * c.batch_size)
@@ -333,19 +333,19 @@ class ShardStream(IterableDataset):
             for reader in readers.values():
                 reader.close()
 
-    def _reader(self, shard: int, readers: OrderedDict[int, _ShardReader]) -> _ShardReader:
+    def _reader(self, shard: int, readers: OrderedDict[int, ShardReader]) -> ShardReader:
         if shard in readers:
             readers.move_to_end(shard)
             return readers[shard]
         name = self.shards.names[shard]
-        readers[shard] = _ShardReader(os.path.join(self.shards.directory, name), name,
+        readers[shard] = ShardReader(os.path.join(self.shards.directory, name), name,
                                       self.shards.sizes[shard])
         if len(readers) > self.max_open:
             readers.popitem(last=False)[1].close()
         return readers[shard]
 
     def _batch(self, b: int, shards: np.ndarray, indices: np.ndarray, is_repeat: np.ndarray,
-               readers: OrderedDict[int, _ShardReader]) -> dict[str, Any]:
+               readers: OrderedDict[int, ShardReader]) -> dict[str, Any]:
         rng = np.random.default_rng([self.config.seed, self.epoch, self.rank, b])
         samples: list[dict[str, Any] | None] = []
         bad_keys: list[str] = []

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from melp_scale.evaluate.tasks import Task
-from melp_scale.stream import EcgTransform, _ShardReader, load_shard_set
+from melp_scale.stream import EcgTransform, ShardReader, load_shard_set
 
 SPLITS = ("train", "val", "test")
 RECORD_COLUMNS = ("filename_hr", "filename_lr", "ecg_path", "filename", "record", "file_name",
@@ -118,7 +118,7 @@ def index_shards(directory: str) -> tuple[list[SampleRef], dict[str, Any]]:
         settings = shards.settings
         for name, size in zip(shards.names, shards.sizes):
             path = os.path.join(directory, name)
-            reader = _ShardReader(path, name, size)
+            reader = ShardReader(path, name, size)
             try:
                 for index, (key, members) in enumerate(reader.samples):
                     meta = json.loads(_pread(reader.fd, members["json"]))
@@ -139,7 +139,7 @@ def _pread(fd: int, member: tuple[int, int]) -> bytes:
 def iter_ecg_batches(refs: list[SampleRef], transform: EcgTransform, batch_size: int
                      ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """``(positions, ecg (B, 12, T) float32)`` for ``refs`` in order, preprocessed."""
-    readers: dict[str, _ShardReader] = {}
+    readers: dict[str, ShardReader] = {}
     rng = np.random.default_rng(0)  # unused: no lead mask and a centred crop
     try:
         for start in range(0, len(refs), batch_size):
@@ -147,7 +147,7 @@ def iter_ecg_batches(refs: list[SampleRef], transform: EcgTransform, batch_size:
             for ref in refs[start:start + batch_size]:
                 if ref.shard not in readers:
                     name = os.path.basename(ref.shard)
-                    readers[ref.shard] = _ShardReader(ref.shard, name, ref.shard_size)
+                    readers[ref.shard] = ShardReader(ref.shard, name, ref.shard_size)
                 _, ecg, meta, _ = readers[ref.shard].read(ref.index)
                 batch.append(transform(ecg, meta["gain"], rng))
             yield np.arange(start, start + len(batch)), torch.from_numpy(np.stack(batch))

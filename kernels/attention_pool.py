@@ -176,7 +176,8 @@ def _attention_pool_bwd_kernel(
     )
 
 
-def _launch_config(num_queries: int, head_dim: int, device: torch.device) -> dict[str, int]:
+def _launch_config(num_queries: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> dict[str, int]:
     if num_queries > MAX_QUERIES:
         raise ValueError(
             f"attention_pool: the Triton kernel holds all queries of a head on chip and supports Q <= "
@@ -185,10 +186,18 @@ def _launch_config(num_queries: int, head_dim: int, device: torch.device) -> dic
     block_m = max(16, next_power_of_2(num_queries))
     block_d = feature_block(head_dim, "attention_pool", MAX_BLOCK_D)
     if device.type != "cuda":  # the interpreter: fewer, larger chunks run faster
-        return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_D": block_d, "num_warps": 4}
+        return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_D": block_d,
+                "DOT_PRECISION": dot_precision(dtype), "num_warps": 4, "num_stages": 1}
     tile = block_m * block_d  # registers per program grow with the resident (BLOCK_M, BLOCK_D) tiles
     block_n = 64 if tile <= 64 * 64 else 32
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": 4 if tile <= 64 * 64 else 8}
+    precision, num_stages = dot_precision(dtype), 3
+    if dtype == torch.float32 and tile > 64 * 64:
+        # 3xTF32 stages split fp32 operands: the caption pooler's backward (128 queries x 128)
+        # would ask 608 KiB of shared memory, an H100 has 227 (benchmarks/compile_check.py);
+        # exact fp32 FMA dots on smaller key chunks fit (fp32 is the checking path, bf16 trains)
+        precision, block_n, num_stages = "ieee", 16, 1
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "DOT_PRECISION": precision,
+            "num_warps": 4 if tile <= 64 * 64 else 8, "num_stages": num_stages}
 
 
 def _check_kernels(keys: torch.Tensor) -> None:
@@ -224,7 +233,7 @@ def attention_pool_forward(
     batch, num_keys, dim = keys.shape
     num_queries = queries.shape[-2]
     head_dim = dim // num_heads
-    config = _launch_config(num_queries, head_dim, keys.device)
+    config = _launch_config(num_queries, head_dim, keys.dtype, keys.device)
     out = torch.empty(batch, num_queries, dim, device=keys.device, dtype=values.dtype)
     lse = torch.empty(batch, num_heads, num_queries, device=keys.device, dtype=torch.float32)
     mask, stride_mb = _mask_args(keys, key_padding_mask)
@@ -235,7 +244,7 @@ def attention_pool_forward(
         stride_kb=keys.stride(0), stride_kn=keys.stride(1), stride_vb=values.stride(0), stride_vn=values.stride(1),
         stride_mb=stride_mb, stride_ob=out.stride(0), stride_om=out.stride(1),
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
-        HAS_MASK=key_padding_mask is not None, DOT_PRECISION=dot_precision(keys.dtype), **config,
+        HAS_MASK=key_padding_mask is not None, **config,
     )
     return out, lse
 
@@ -256,7 +265,7 @@ def attention_pool_backward(
     num_queries = queries.shape[-2]
     head_dim = dim // num_heads
     shared = queries.ndim == 2
-    config = _launch_config(num_queries, head_dim, keys.device)
+    config = _launch_config(num_queries, head_dim, keys.dtype, keys.device)
     group_size = batch_per_program(batch, num_heads, shared)
     num_groups = triton.cdiv(batch, group_size)
     # shared: one fp32 partial dq per group, summed below; per-sample: dq written in place
@@ -276,8 +285,7 @@ def attention_pool_backward(
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
         stride_dqb=dq.stride(0), stride_dqm=dq.stride(1), stride_dkb=dk.stride(0), stride_dkn=dk.stride(1),
         stride_dvb=dv.stride(0), stride_dvn=dv.stride(1),
-        BATCH_PER_PROGRAM=group_size, HAS_MASK=key_padding_mask is not None,
-        DOT_PRECISION=dot_precision(keys.dtype), **config,
+        BATCH_PER_PROGRAM=group_size, HAS_MASK=key_padding_mask is not None, **config,
     )
     if shared:
         dq = dq.sum(0).to(queries.dtype)  # (Q, D)

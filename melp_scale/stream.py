@@ -406,6 +406,19 @@ def _collate(samples: list[dict[str, Any] | None], is_repeat: list[bool],
 # ----------------------------------------------------------------------------- the loader
 
 
+def check_resume_state(saved: dict[str, Any], mine: dict[str, Any], names: tuple[str, ...],
+                       num_batches: int, hint: str = "") -> None:
+    """ValueError unless ``saved`` (a loader's state_dict) fits a loader whose state is ``mine``:
+    the settings ``names`` that fix the epoch plan are equal and the position lies in the epoch."""
+    for name in names:
+        if saved[name] != mine[name]:
+            raise ValueError(f"cannot resume exactly: the saved {name} is {saved[name]!r}, "
+                             f"this loader's is {mine[name]!r}{hint}")
+    if not 0 <= saved["batches_consumed"] <= num_batches:
+        raise ValueError(f"saved position {saved['batches_consumed']} is outside the epoch "
+                         f"of {num_batches} batches")
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGINT to their rank, which finishes its step, checkpoints and
     then shuts them down (SLURM signals every process of a job, workers included)."""
@@ -492,14 +505,9 @@ class StreamLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``'s position; raises ValueError when the plan would differ."""
-        mine = self.state_dict()
-        for name in ("seed", "batch_size", "world_size", "split", "num_samples"):
-            if state[name] != mine[name]:
-                raise ValueError(f"cannot resume exactly: the saved {name} is {state[name]!r}, "
-                                 f"this loader's is {mine[name]!r}")
-        if not 0 <= state["batches_consumed"] <= self.num_batches:
-            raise ValueError(f"saved position {state['batches_consumed']} is outside the epoch "
-                             f"of {self.num_batches} batches")
+        check_resume_state(state, self.state_dict(),
+                           ("seed", "batch_size", "world_size", "split", "num_samples"),
+                           self.num_batches)
         self.epoch, self.batches_consumed = state["epoch"], state["batches_consumed"]
         self.num_bad_samples = state.get("num_bad_samples", 0)
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from melp_scale.stream import batches_per_rank, rank_plan
+from melp_scale.stream import batches_per_rank, check_resume_state, rank_plan
 from melp_scale.text_pretrain.masking import WholeWordMasker
 
 
@@ -78,12 +78,7 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``'s position; ValueError when the data or plan would differ."""
-        mine = self.state_dict()
-        for name in ("seed", "batch_size", "world_size", "num_rows", "fingerprint"):
-            if state[name] != mine[name]:
-                raise ValueError(f"cannot resume exactly: the saved {name} is {state[name]!r}, "
-                                 f"this loader's is {mine[name]!r} (the corpus or settings changed)")
-        if not 0 <= state["batches_consumed"] <= self.num_batches:
-            raise ValueError(f"saved position {state['batches_consumed']} is outside the epoch "
-                             f"of {self.num_batches} batches")
+        check_resume_state(state, self.state_dict(),
+                           ("seed", "batch_size", "world_size", "num_rows", "fingerprint"),
+                           self.num_batches, " (the corpus or settings changed)")
         self.epoch, self.batches_consumed = state["epoch"], state["batches_consumed"]

@@ -251,12 +251,19 @@ def test_causal_text_attention(demo_model, tokenizer):
 
 
 # ------------------------------------------------------------------ checkpointing
+REPORT_CHECK = ("sinus rhythm. left axis deviation.", ["sinus rhythm", "left axis deviation"])
+
+
 def test_save_and_load_give_identical_outputs(demo_model, tokenizer, tmp_path):
     batch = make_batch(tokenizer)
     model = demo_model.eval()
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer"]
     loaded = MELP.from_pretrained(tmp_path).eval()
+    # self-contained: the tokenizer comes from the export, not from the text model's source
+    assert loaded.config.text.name_or_path == os.path.join(str(tmp_path), "tokenizer")
+    assert loaded.tokenizer(*REPORT_CHECK)["input_ids"].tolist() == \
+        model.tokenizer(*REPORT_CHECK)["input_ids"].tolist()
     with torch.no_grad():
         first, second = model(batch), loaded(batch)
         for name in ("loss", "loss_global", "loss_caption", "loss_local", "ecg_global", "text_global"):

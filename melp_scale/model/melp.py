@@ -35,6 +35,7 @@ from .text_encoder import TextEncoder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_FORMAT = "melp-scale/1"
 
 
@@ -201,8 +202,9 @@ class MELP(nn.Module):
 
     # ------------------------------------------------------------ checkpointing
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (every weight, the text model's
-        included) into ``directory``: enough to rebuild the model with no network."""
+        """Write ``config.json``, ``model.safetensors`` (every weight, the text model's
+        included) and the text model's ``tokenizer/`` into ``directory``: enough to rebuild and
+        use the model with no network (e.g. a MedCPT-based model on an offline machine)."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
@@ -215,6 +217,7 @@ class MELP(nn.Module):
             json.dump({"format": CHECKPOINT_FORMAT, "config": config}, handle, indent=2)
         state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
         save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": CHECKPOINT_FORMAT})
+        self.tokenizer.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "MELP":
@@ -225,7 +228,11 @@ class MELP(nn.Module):
             saved = json.load(handle)
         if saved.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: not a {CHECKPOINT_FORMAT} checkpoint")
-        model = cls(MELPConfig.from_dict(saved["config"]))
+        config = MELPConfig.from_dict(saved["config"])
+        tokenizer = os.path.join(os.path.abspath(directory), TOKENIZER_DIR)
+        if os.path.isdir(tokenizer):  # the text model is rebuilt from config; only tokens need files
+            config.text.name_or_path = tokenizer
+        model = cls(config)
         model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=map_location))
         return model.to(map_location)
 

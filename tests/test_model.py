@@ -261,7 +261,8 @@ def test_save_and_load_give_identical_outputs(demo_model, tokenizer, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer"]
     loaded = MELP.from_pretrained(tmp_path).eval()
     # self-contained: the tokenizer comes from the export, not from the text model's source
-    assert loaded.config.text.name_or_path == os.path.join(str(tmp_path), "tokenizer")
+    assert loaded.tokenizer_source == os.path.join(str(tmp_path), "tokenizer")
+    assert loaded.config.text.name_or_path == model.config.text.name_or_path
     assert loaded.tokenizer(*REPORT_CHECK)["input_ids"].tolist() == \
         model.tokenizer(*REPORT_CHECK)["input_ids"].tolist()
     with torch.no_grad():

@@ -79,6 +79,7 @@ class MELP(nn.Module):
         # which fails for 0-d tensors; the loss takes the 0-d view ``self.logit_scale[0]``
         self.logit_scale = nn.Parameter(torch.tensor([float(config.loss.logit_scale_init)]))
         self._tokenizer = None
+        self.tokenizer_source = config.text.name_or_path  # from_pretrained: the export's copy
 
     # ------------------------------------------------------------------ ECG side
     def encode_ecg(self, ecg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +99,7 @@ class MELP(nn.Module):
         if self._tokenizer is None:
             from melp_scale.text import ReportTokenizer
 
-            self._tokenizer = ReportTokenizer(self.config.text.name_or_path, self.config.text.max_length)
+            self._tokenizer = ReportTokenizer(self.tokenizer_source, self.config.text.max_length)
         return self._tokenizer
 
     def encode_text(self, texts: Sequence[str] | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -228,11 +229,10 @@ class MELP(nn.Module):
             saved = json.load(handle)
         if saved.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: not a {CHECKPOINT_FORMAT} checkpoint")
-        config = MELPConfig.from_dict(saved["config"])
+        model = cls(MELPConfig.from_dict(saved["config"]))
         tokenizer = os.path.join(os.path.abspath(directory), TOKENIZER_DIR)
-        if os.path.isdir(tokenizer):  # the text model is rebuilt from config; only tokens need files
-            config.text.name_or_path = tokenizer
-        model = cls(config)
+        if os.path.isdir(tokenizer):  # config.text.name_or_path stays the provenance
+            model.tokenizer_source = tokenizer
         model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=map_location))
         return model.to(map_location)
 

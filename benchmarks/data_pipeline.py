@@ -15,16 +15,18 @@ and date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import environment  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import wfdb  # noqa: E402
@@ -131,18 +133,6 @@ def bench_set(label: str, shard_dir: str, workers: list[int], batch_size: int,
             "median_samples_per_s": {name: float(np.median(r)) for name, r in runs.items()}}
 
 
-def environment() -> dict:
-    try:
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        revision = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": revision, "cpu": platform.processor() or platform.machine(),
-            "num_cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "wfdb": wfdb.__version__}
-
-
 def print_table(results: list[dict], workers: list[int]) -> None:
     header = ["set", "samples"] + [f"stream {w}w" for w in workers] + ["wfdb 0w", "ratio 0w", "ratio best"]
     print(" | ".join(f"{h:>12}" for h in header))
@@ -185,7 +175,7 @@ def main() -> None:
     if os.path.isfile(args.out):
         with open(args.out) as handle:
             runs = json.load(handle)
-    runs.append({"environment": environment(), "results": results})
+    runs.append({"environment": environment(torch.device("cpu")), "results": results})
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(runs, handle, indent=1)

@@ -12,18 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+import torch
 import wfdb
 
-from melp_scale.shard.build import BuildConfig, run_build
-from melp_scale.shard.sources import find_headers
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import environment  # noqa: E402
+from melp_scale.shard.build import BuildConfig, run_build  # noqa: E402
+from melp_scale.shard.sources import find_headers  # noqa: E402
 
 LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
@@ -82,14 +85,11 @@ def main() -> None:
     for name, row in results.items():
         row["ratio_vs_read"] = row["records_per_s"] / base
         print(f"{name:<28}{row['records_per_s']:>12.1f}{row['ratio_vs_read']:>10.2f}")
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"shard_build-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as handle:
-        json.dump({"benchmark": "shard_build", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "git": revision, "python": sys.version.split()[0], "cpu_count": all_workers,
-                   "machine": platform.machine(), "wfdb": wfdb.__version__,
+        json.dump({"benchmark": "shard_build", "environment": environment(torch.device("cpu")),
+                   "cpu_count": all_workers, "wfdb": wfdb.__version__,
                    "num_records": num_records, "generated": not args.root,
                    "results": results}, handle, indent=1)
     print(f"wrote {path}")

@@ -17,14 +17,17 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from melp_scale.model import MELP, MELPConfig
-from melp_scale.model.config import MEDCPT_ARCHITECTURE
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.harness import environment  # noqa: E402
+from melp_scale.model import MELP, MELPConfig  # noqa: E402
+from melp_scale.model.config import MEDCPT_ARCHITECTURE  # noqa: E402
 
 REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response. "
            "left axis deviation. abnormal ecg.", "sinus bradycardia. low qrs voltages."]
@@ -109,15 +112,10 @@ def main() -> None:
         row["speedup_vs_reference"] = base["median_s"] / row["median_s"]
         print(f"{row['preset']:<8}{row['impl']:<11}{row['median_s']:>9.3f}{row['samples_per_s']:>11.1f}"
               f"{row['peak_memory_gb']:>9.2f}{row['speedup_vs_reference']:>10.2f}")
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"train_step-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as handle:
-        json.dump({"benchmark": "train_step", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "git": revision, "device": str(device),
-                   "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.machine(),
-                   "torch": torch.__version__, "python": sys.version.split()[0], "rows": rows},
+        json.dump({"benchmark": "train_step", "environment": environment(device), "rows": rows},
                   handle, indent=1)
     print(f"wrote {path}")
 

@@ -26,6 +26,16 @@ FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.fl
 TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Tests set this (tests/kernel_utils.cuda_launch_configs) to make the launchers choose the tile
+# sizes and warps they would choose for CUDA tensors while running under the interpreter.
+FORCE_CUDA_LAUNCH_CONFIGS = False
+
+
+def uses_cuda_launch_configs(device: torch.device) -> bool:
+    """True when a launcher should pick its CUDA configuration (CUDA tensors, or forced by a test)."""
+    return device.type == "cuda" or FORCE_CUDA_LAUNCH_CONFIGS
+
+
 def triton_interpreter_enabled() -> bool:
     """True when Triton's CPU interpreter is requested through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")

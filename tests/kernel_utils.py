@@ -96,3 +96,118 @@ def poisoned_allocations() -> Iterator[None]:
         yield
     finally:
         torch.empty, torch.empty_like = original_empty, original_empty_like
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 under Triton's interpreter
+#
+# Triton 3.9's interpreter stores bf16 as raw uint16 bits. Its tl.dot multiplies those bits as
+# integers, its elementwise ops do integer arithmetic on them, and its fp32 -> bf16 cast
+# truncates the mantissa where the GPU rounds to nearest even. The shim below patches the
+# interpreter's builder (class attributes, restored on exit) so bf16 behaves as on a GPU:
+#   * tl.dot widens bf16 operands exactly to fp32 (bf16 is the top half of an fp32 word);
+#   * casts from bf16 widen exactly, casts to bf16 round the fp32 value to nearest even;
+#   * elementwise ops on bf16 compute in fp32 and round the result to bf16 (a correctly rounded
+#     bf16 result, since fp32 carries more than 2·8 + 2 mantissa bits).
+# fp16 needs no shim: numpy's float16 is IEEE binary16 with round-to-nearest-even casts.
+# ---------------------------------------------------------------------------------------------
+
+
+def bf16_bits_to_float32(bits):
+    """uint16 bf16 bit patterns -> the exactly equal float32 values (numpy)."""
+    import numpy as np
+
+    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def float32_to_bf16_bits(values):
+    """float32 values -> uint16 bf16 bit patterns, rounded to nearest even (NaN stays a quiet NaN)."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    is_nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x0040)
+    return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
+
+
+def _bf16_builder_patches() -> dict:
+    """Replacement methods for triton.runtime.interpreter.InterpreterBuilder (see above)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder_cls = interpreter.InterpreterBuilder
+    original_dot, original_cast = builder_cls.create_dot, builder_cls.cast_impl
+    original_binary, original_unary = builder_cls.binary_op, builder_cls.unary_op
+    handle = interpreter.TensorHandle
+
+    def is_bf16(tensor) -> bool:
+        return tensor.dtype.scalar == tl.bfloat16
+
+    def widened(tensor):
+        return handle(bf16_bits_to_float32(tensor.data), tl.float32) if is_bf16(tensor) else tensor
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
+
+    def cast_impl(self, src, dst_type):
+        dst = dst_type.scalar
+        if is_bf16(src) and dst != tl.bfloat16:
+            return original_cast(self, widened(src), dst_type)
+        if dst == tl.bfloat16 and not is_bf16(src):
+            return handle(float32_to_bf16_bits(src.data.astype(np.float32)), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    def binary_op(self, lhs, rhs, op):
+        if not (is_bf16(lhs) or is_bf16(rhs)):
+            return original_binary(self, lhs, rhs, op)
+        out = op(widened(lhs).data, widened(rhs).data)
+        if out.dtype == np.float32:  # arithmetic: round back to bf16; comparisons stay bool
+            return handle(float32_to_bf16_bits(out), tl.bfloat16)
+        return handle(out, lhs.dtype.scalar)
+
+    def unary_op(self, arg, op):
+        if not is_bf16(arg):
+            return original_unary(self, arg, op)
+        return handle(float32_to_bf16_bits(op(widened(arg).data)), tl.bfloat16)
+
+    return {"create_dot": create_dot, "cast_impl": cast_impl, "binary_op": binary_op, "unary_op": unary_op}
+
+
+@contextlib.contextmanager
+def bf16_interpreter_shim() -> Iterator[None]:
+    """Inside the block, Triton's interpreter treats bf16 as a GPU does (dots, casts, arithmetic)."""
+    from triton.runtime import interpreter
+
+    builder_cls = interpreter.InterpreterBuilder
+    patches = _bf16_builder_patches()
+    originals = {name: builder_cls.__dict__[name] for name in patches}
+    for name, method in patches.items():
+        setattr(builder_cls, name, method)
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(builder_cls, name, method)
+
+
+@contextlib.contextmanager
+def cuda_launch_configs() -> Iterator[None]:
+    """Inside the block the launchers pick the tile sizes and warps they pick for CUDA tensors,
+    so the interpreter checks the configurations a GPU runs (``kernels._utils.uses_cuda_launch_configs``)."""
+    from kernels import _utils
+
+    previous = _utils.FORCE_CUDA_LAUNCH_CONFIGS
+    _utils.FORCE_CUDA_LAUNCH_CONFIGS = True
+    try:
+        yield
+    finally:
+        _utils.FORCE_CUDA_LAUNCH_CONFIGS = previous
+
+
+@contextlib.contextmanager
+def gpu_numerics() -> Iterator[None]:
+    """Both of the above: what a CUDA run of the kernels computes, as far as the interpreter can tell."""
+    with bf16_interpreter_shim(), cuda_launch_configs():
+        yield

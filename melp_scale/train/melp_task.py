@@ -14,6 +14,7 @@ from melp_scale.model import MELP
 from melp_scale.stream import StreamConfig, StreamLoader
 from melp_scale.train.config import TrainConfig
 from melp_scale.train.metrics import retrieval_recall
+from melp_scale.train.selection import ZeroShotSelection
 from melp_scale.train.task import Placement, StepOutput, Task, to_device
 
 log = logging.getLogger("melp_scale.train")
@@ -96,11 +97,19 @@ class MELPTask(Task):
         record |= {f"val_{k}": v for k, v in retrieval_recall(all_ecg, all_text).items()}
         return record | {"val_samples": int(all_ecg.shape[0])}
 
-    def after_step(self, model: nn.Module) -> None:
-        model.clamp_logit_scale_()
+    def clamped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
+        # METHOD.md §3: the log scale stays in [0, ln 100], in the optimiser's master copy too
+        return [(model.logit_scale, 0.0, float(self.melp_config.loss.logit_scale_max))]
+
+    def make_selection(self) -> ZeroShotSelection:
+        return ZeroShotSelection(self.config.select)
 
     def export(self, model: nn.Module, path: str) -> None:
+        from melp_scale.evaluate.provenance import write_training_data
+
         model.save_pretrained(path)
+        # what the model saw (shard sets, manifest hashes, subjects): evaluation refuses those rows
+        write_training_data(path, [self.config.data.shards])
 
 
 def _group() -> Any:

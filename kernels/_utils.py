@@ -78,6 +78,13 @@ def require_interpreted(op_name: str, *kernels: object) -> None:
             )
 
 
+def defer_value_checks(tensor: torch.Tensor) -> bool:
+    """True when checks of tensor *values* must not synchronise with the host: CUDA tensors
+    (a device-side torch._assert_async instead: no sync, CUDA-graph safe) and torch.compile
+    tracing (no data-dependent Python control flow). CPU tensors in eager mode raise ValueError."""
+    return tensor.is_cuda or torch.compiler.is_compiling()
+
+
 def check_float(name: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -149,9 +156,13 @@ def validate_attention_pool(
             )
         tensors["key_padding_mask"] = key_padding_mask
     check_same_device(op, **tensors)
-    if key_padding_mask is not None and bool(key_padding_mask.all(dim=1).any()):
-        rows = key_padding_mask.all(dim=1).nonzero().flatten().tolist()
-        raise ValueError(f"{op}: key_padding_mask masks every key of batch rows {rows}")
+    if key_padding_mask is not None:
+        all_padded = key_padding_mask.all(dim=1)
+        if defer_value_checks(key_padding_mask):
+            torch._assert_async(~all_padded.any(), f"{op}: key_padding_mask masks every key of a batch row")
+        elif bool(all_padded.any()):
+            rows = all_padded.nonzero().flatten().tolist()
+            raise ValueError(f"{op}: key_padding_mask masks every key of batch rows {rows}")
 
 
 def validate_local_contrastive(
@@ -175,9 +186,13 @@ def validate_local_contrastive(
         raise ValueError(f"{op}: sentence_counts must be an integer tensor, got {sentence_counts.dtype}")
     check_same_dtype(op, beats=beats, sentences=sentences)
     check_same_device(op, beats=beats, sentences=sentences, sentence_counts=sentence_counts)
-    if sentence_counts.numel() and (
-        int(sentence_counts.min()) < 0 or int(sentence_counts.max()) > sentences.shape[1]
-    ):
+    if not sentence_counts.numel():
+        return
+    if defer_value_checks(sentence_counts):
+        in_range = (sentence_counts.min() >= 0) & (sentence_counts.max() <= sentences.shape[1])
+        torch._assert_async(in_range, f"{op}: sentence_counts must lie in [0, S={sentences.shape[1]}]")
+        return
+    if int(sentence_counts.min()) < 0 or int(sentence_counts.max()) > sentences.shape[1]:
         raise ValueError(
             f"{op}: sentence_counts must lie in [0, S={sentences.shape[1]}], got "
             f"[{int(sentence_counts.min())}, {int(sentence_counts.max())}]"

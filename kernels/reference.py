@@ -78,10 +78,15 @@ def local_similarity(
 ) -> torch.Tensor:
     """R[i, j] = log Σ_k exp(t2·cos(s_ik, c_ijk)) for text i against ECG j; (B, B).
 
-    Every text needs at least one sentence (``local_contrastive_loss`` drops the others).
+    Sentence slots at or past a text's count are zeroed. A text with no sentence is scored
+    as one zero sentence (cos = 0 by the norm floor, R = 0): finite, and ``local_loss_from_similarity``
+    leaves such pairs out, so no host-side filtering (no data-dependent shapes) is needed.
     """
     num_sentences = sentences.shape[1]
-    valid = torch.arange(num_sentences, device=sentences.device)[None, :] < sentence_counts[:, None]  # (B, S)
+    slots = torch.arange(num_sentences, device=sentences.device)[None, :]
+    present = slots < sentence_counts[:, None]  # (B, S)
+    valid = slots < sentence_counts.clamp_min(1)[:, None]  # slot 0 stands in for an empty text
+    sentences = sentences * present[:, :, None]
     scores = torch.einsum("jqd,ikd->ijqk", beats, sentences)  # (B_text, B_ecg, Qb, S)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     first = torch.softmax(scores, dim=-1)  # a_qk, over sentences
@@ -91,6 +96,24 @@ def local_similarity(
     norms = sentences.norm(dim=-1).clamp_min(COSINE_EPS)[:, None, :] * context.norm(dim=-1).clamp_min(COSINE_EPS)
     cosine = (dots / norms).masked_fill(~valid[:, None, :], float("-inf"))  # (B_text, B_ecg, S)
     return torch.logsumexp(t2 * cosine, dim=-1)
+
+
+def local_loss_from_similarity(similarity: torch.Tensor, keep: torch.Tensor, t3: float) -> torch.Tensor:
+    """½[CE(M, I) + CE(Mᵀ, I)] over the kept pairs, M[j, i] = t3·R(i, j), without host syncs.
+
+    Rows and columns of dropped pairs are masked out (their entries get exactly zero gradient);
+    each cross entropy is summed as per-row differences lse_j − M_jj (no Σlse − Σdiag
+    cancellation) and divided by B' = keep.sum(); B' = 0 gives 0, B' = 1 gives 0.
+    """
+    logits = t3 * similarity.transpose(0, 1)  # M[j, i]
+    pair = keep[:, None] & keep[None, :]
+    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    # a dropped row/column keeps only its diagonal, at 0: its lse − diagonal is 0, finite
+    masked = torch.where(pair, logits, torch.where(eye, 0.0, float("-inf")))
+    diagonal = masked.diagonal()
+    rows = torch.where(keep, torch.logsumexp(masked, dim=1) - diagonal, 0.0)
+    cols = torch.where(keep, torch.logsumexp(masked, dim=0) - diagonal, 0.0)
+    return 0.5 * (rows.sum() + cols.sum()) / keep.sum().clamp_min(1)
 
 
 def local_contrastive_loss(
@@ -105,19 +128,13 @@ def local_contrastive_loss(
 
     Pairs (text i, ECG i) whose text has no sentence are removed from both sides of M, so
     the B' remaining pairs stay aligned on the diagonal. With B' = 0 the loss is a zero
-    that is still connected to ``beats`` and ``sentences`` (zero gradients).
+    that is still connected to ``beats`` and ``sentences`` (zero gradients). No host sync:
+    the dropped pairs are masked, not indexed away.
     """
     validate_local_contrastive(beats, sentences, sentence_counts)
     dtype = compute_dtype(beats, sentences)
-    keep = sentence_counts > 0
-    if not bool(keep.any()):
-        return (beats.sum() + sentences.sum()).to(dtype) * 0.0 + 0.0  # + 0.0 turns −0 into 0
-    beats_kept = beats[keep].to(dtype)  # (B', Qb, D)
-    sentences_kept = sentences[keep].to(dtype)  # (B', S, D)
-    similarity = local_similarity(beats_kept, sentences_kept, sentence_counts[keep], t1, t2)  # R[i, j]
-    logits = t3 * similarity.transpose(0, 1)  # M[j, i]
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.transpose(0, 1), labels))
+    similarity = local_similarity(beats.to(dtype), sentences.to(dtype), sentence_counts, t1, t2)  # R[i, j]
+    return local_loss_from_similarity(similarity, sentence_counts > 0, t3)
 
 
 def infonce_loss(

@@ -145,7 +145,7 @@ def test_local_loss_matches_pair_loop() -> None:
     context = f"seed={seed} counts={counts.tolist()}"
     keep = counts > 0
     with poisoned_allocations():
-        similarity = local.LocalSimilarityFunction.apply(beats[keep], sentences[keep], counts[keep], T1, T2)
+        similarity = local.local_similarity(beats, sentences, counts, T1, T2)[keep][:, keep]
     loop_inputs = [v.detach().double().cpu().requires_grad_() for v in (beats, sentences)]
     assert_rel_close("R", similarity, loop_similarity(*loop_inputs, counts.cpu(), T1, T2), 1e-6, context)
     grad_out = torch.tensor(2.1, device=DEVICE)
@@ -221,3 +221,50 @@ def test_local_loss_auto_dispatch_and_validation() -> None:
                                      torch.ones(3, dtype=torch.long, device=DEVICE), impl="triton")
     with pytest.raises(ValueError, match="sentence_counts"):
         local.local_contrastive_loss(beats, sentences, counts[:3], impl="triton")
+
+
+def test_local_loss_non_contiguous_int32_counts() -> None:
+    """A strided int32 sentence_counts view (issue 16, 4a): the kernels read counts[i] at stride 1,
+    so before the fix they saw the interleaved column (here 2³⁰: out-of-range sentence loads)."""
+    seed = fresh_seed()
+    beats, sentences, counts = _inputs(6, 10, 7, 32, torch.float32, scale=32**-0.25)
+    interleaved = torch.stack([counts.to(torch.int32), torch.full_like(counts, 2**30, dtype=torch.int32)], dim=1)
+    strided = interleaved[:, 0]
+    assert not strided.is_contiguous() and strided.dtype == torch.int32
+    grad_out = torch.tensor(1.1, device=DEVICE)
+    out = _triton_grads(beats, sentences, strided, grad_out)
+    ref = _reference_grads(beats, sentences, counts, grad_out)
+    loss_tol, grad_tol = TOLERANCES[torch.float32]
+    context = f"seed={seed} counts={counts.tolist()}"
+    for name, value, expected, tol in zip(("loss", "dbeats", "dsentences"), out, ref, (loss_tol, grad_tol, grad_tol)):
+        assert_rel_close(name, value, expected, tol, context)
+
+
+def test_local_loss_double_backward_raises() -> None:
+    """The backward is not differentiable: a second derivative must raise, not be silently wrong."""
+    beats, sentences, counts = _inputs(4, 10, 3, 16, torch.float32, scale=0.5)
+    inputs = [v.requires_grad_() for v in (beats, sentences)]
+    loss = local.local_contrastive_loss(*inputs, counts, impl="triton")
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grads[0].sum() + grads[1].sum(), inputs)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_local_loss_compiles_fullgraph(impl: str) -> None:
+    """No host sync or data-dependent shape: the loss traces with fullgraph=True, forward and
+    backward (AOTAutograd; aot_eager backend: the capture is tested, no C++ compiler needed)."""
+    seed = fresh_seed()
+    beats, sentences, counts = _inputs(5, 10, 4, 16, torch.float32, scale=0.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda b, s, c: local.local_contrastive_loss(b, s, c, T1, T2, T3, impl=impl), fullgraph=True,
+        backend="aot_eager")
+    inputs = [v.detach().clone().requires_grad_() for v in (beats, sentences)]
+    loss = compiled(*inputs, counts)
+    loss.backward()
+    out = [loss.detach(), inputs[0].grad, inputs[1].grad]
+    ref = _reference_grads(beats, sentences, counts, torch.tensor(1.0, device=DEVICE))
+    loss_tol, grad_tol = TOLERANCES[torch.float32]
+    for name, value, expected, tol in zip(("loss", "dbeats", "dsentences"), out, ref, (loss_tol, grad_tol, grad_tol)):
+        assert_rel_close(name, value, expected, tol, f"seed={seed} compiled {impl}")

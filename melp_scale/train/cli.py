@@ -24,7 +24,9 @@ def common_parser(description: str, default_config: str, presets: str) -> argpar
                         help="continue from the latest checkpoint if there is one (SLURM requeue)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.warmup_steps=50")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value, e.g. optim.warmup_steps=50 or "
+                             "deepspeed.train_micro_batch_size_per_gpu=32 (over ds.json)")
     return parser
 
 
@@ -38,16 +40,19 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace, load_config: Callable[[str, list[str]], Any],
         make_task: Callable[[Any], Any], overrides: list[str]) -> int:
     """Build the task's Trainer, train, print the summary; 2 on a user error, 0 otherwise."""
+    from melp_scale.train.config import read_deepspeed_overrides
     from melp_scale.train.summary import print_summary
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     trainer = None
     try:
         config = load_config(args.config, overrides)
+        ds_overrides = read_deepspeed_overrides(args.config, overrides)
         from melp_scale.train.loop import Trainer
 
         resume = "latest" if args.resume else "auto" if args.auto_resume else None
-        trainer = Trainer(make_task(config), args.ds_config, resume=resume)
+        trainer = Trainer(make_task(config), args.ds_config, resume=resume,
+                          ds_overrides=ds_overrides)
         summary = trainer.run()
         if trainer.rank == 0:
             print_summary(summary)

@@ -1,9 +1,12 @@
 """Training configuration: a YAML preset (``demo``, ``paper``) or file, plus ``key=value`` overrides.
 
-The YAML tree has four sections; every key is checked, an unknown one is a ``ValueError``
-naming it. The model section names a model preset and optional overrides of its fields
-(``model.ecg.num_layers=4``); optimiser hyper-parameters (lr, betas, weight decay), the batch
-size and precision live in the DeepSpeed JSON (``ds.json``).
+The YAML tree has the sections below; every key is checked, an unknown one is a
+``ValueError`` naming it. The model section names a model preset and optional overrides of its
+fields (``model.ecg.num_layers=4``); optimiser hyper-parameters (lr, betas, weight decay), the
+batch size and precision live in the DeepSpeed JSON (``ds.json``), which a preset's
+``deepspeed:`` section (or ``deepspeed.KEY=value``) overrides without editing the file
+(:func:`read_deepspeed_overrides`; the launcher applies it). ``select`` names the downstream
+sets that score checkpoints every ``run.select_every`` steps (``melp_scale.train.selection``).
 """
 from __future__ import annotations
 
@@ -62,6 +65,39 @@ class RunConfig:
     validate_at_start: bool = False  # also validate before the first step (a "before" baseline)
     max_nonfinite: int = 5  # consecutive non-finite losses (skipped steps) before stopping
     telemetry: bool = True  # GPU telemetry through pynvml when GPUs exist
+    select_every: int = 0  # steps between checkpoint-selection scores (0: no selection); best -> export-best/
+    select_patience: int = 0  # stop after this many scores without improvement (0: never stop early)
+
+    def __post_init__(self) -> None:
+        for name in ("select_every", "select_patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"run.{name} must be an integer >= 0, got {value!r}")
+        if self.select_patience and not self.select_every:
+            raise ValueError("run.select_patience needs run.select_every > 0 (early stopping "
+                             "counts checkpoint-selection scores)")
+
+
+@dataclasses.dataclass
+class SelectConfig:
+    """Checkpoint selection (every ``run.select_every`` steps): zero-shot macro AUC x 100 on
+    downstream labelled shard sets, averaged over ``sets``; the best step's model is kept."""
+
+    sets: list[dict[str, str]] = dataclasses.field(default_factory=list)  # [{shards: DIR, task: NAME}, ...] (task: melp_scale.evaluate.tasks)
+    split: str = "val"  # the task split scored: "val" (PTB-XL fold 9, seeded split otherwise) or "all"
+    batch_size: int = 32  # ECGs per forward pass while scoring
+    seed: int = 0  # seeds the subject split of tasks without fixed folds (as the evaluation's --seed)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sets, list):
+            raise ValueError(f"select.sets must be a list of {{shards: DIR, task: NAME}}, got {self.sets!r}")
+        for index, item in enumerate(self.sets):
+            if not isinstance(item, dict) or set(item) != {"shards", "task"}:
+                raise ValueError(f"select.sets[{index}] must be {{shards: DIR, task: NAME}}, got {item!r}")
+        if self.split not in ("train", "val", "test", "all"):
+            raise ValueError(f"select.split must be val, train, test or all, got {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"select.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass
@@ -73,6 +109,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    select: SelectConfig = dataclasses.field(default_factory=SelectConfig)
 
     def model_config(self) -> MELPConfig:
         """The model preset with the overrides applied (validated by the model's configs)."""
@@ -83,7 +120,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig}
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig, "select": SelectConfig}
+DEEPSPEED_KEY = "deepspeed"  # the top-level key of a preset's ds.json overrides (any task)
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
@@ -149,7 +187,7 @@ def build_sections(tree: dict[str, Any], sections: dict[str, type], where: str,
                    extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Each of ``sections`` (name -> dataclass) built from ``tree[name]``; unknown keys, at the
     top (other than ``extra_keys``) or inside a section, are ``ValueError``s naming them."""
-    known = {*extra_keys, *sections}
+    known = {*extra_keys, *sections, DEEPSPEED_KEY}
     unknown = set(tree) - known
     if unknown:
         raise ValueError(f"{where}: unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -163,6 +201,20 @@ def build_sections(tree: dict[str, Any], sections: dict[str, type], where: str,
                              f"known in {name}: {sorted(fields)}")
         built[name] = cls(**values)
     return built
+
+
+def read_deepspeed_overrides(config: str, overrides: list[str] | tuple[str, ...] = ()
+                             ) -> dict[str, Any]:
+    """The ``deepspeed:`` section of a preset or YAML file with the ``deepspeed.KEY=value``
+    overrides applied ({} when there is none), its keys checked against the ds.json keys a
+    preset may set (``melp_scale.train.engine.DS_OVERRIDE_KEYS``)."""
+    from melp_scale.train.engine import check_ds_overrides
+
+    mine = [item for item in overrides if item.partition("=")[0].split(".")[0] == DEEPSPEED_KEY]
+    tree, path = read_config_tree(config, mine)
+    section = tree.get(DEEPSPEED_KEY) or {}
+    check_ds_overrides(section, DEEPSPEED_KEY)
+    return section
 
 
 def load_train_config(config: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

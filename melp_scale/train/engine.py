@@ -5,6 +5,16 @@ is built here as ``torch.optim.AdamW`` and handed to DeepSpeed (ZeRO-2 partition
 optimiser): weight decay then applies to weight matrices only, not to biases, norms, learned
 queries or the logit scale, and no DeepSpeed-specific CUDA op is needed on a CPU. The
 schedule is a linear warm-up then a cosine (or linear) decay, stepped by the engine.
+
+A preset may override ds.json without editing it: its ``deepspeed:`` section (and
+``deepspeed.KEY=value`` on the command line) is merged over the file, key by key
+(:func:`apply_ds_overrides`); the effective global batch is micro-batch x accumulation x ranks
+(:func:`batch_sizes`).
+
+:func:`clamp_parameter_` bounds a parameter in the model and in the optimiser's fp32 master
+copy: under ZeRO-1/2 (and DeepSpeed's bf16 optimiser) the optimiser steps a flat fp32
+partition and re-casts the model weights from it after every step, so clamping the model copy
+alone lets the master grow without bound.
 """
 from __future__ import annotations
 
@@ -17,10 +27,59 @@ from typing import Any
 import torch
 
 PRECISION_KEYS = ("bf16", "fp16")
+# ds.json keys a preset's ``deepspeed:`` section may override (anything else is a typo or a
+# setting the Trainer builds itself, such as the scheduler)
+DS_OVERRIDE_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "train_batch_size", "gradient_clipping", "bf16", "fp16", "optimizer",
+                    "zero_optimization")
 
 
-def load_ds_config(path: str, world_size: int, use_cuda: bool) -> tuple[dict[str, Any], str]:
-    """Read and check ``path``; resolve ``"auto"`` precision; return (config, precision).
+def check_ds_overrides(overrides: dict[str, Any], where: str = "deepspeed") -> None:
+    """ValueError naming the key when ``overrides`` holds a key DS_OVERRIDE_KEYS lacks."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}: must be a mapping of ds.json keys, got {overrides!r}")
+    unknown = sorted(set(overrides) - set(DS_OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}.{k}' for k in unknown]}; a preset's "
+                         f"deepspeed section may set: {', '.join(DS_OVERRIDE_KEYS)}")
+
+
+def apply_ds_overrides(config: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``config`` with ``overrides`` merged in (mappings key by key, values replaced)."""
+    merged = copy.deepcopy(config)
+    if not overrides:
+        return merged
+    check_ds_overrides(overrides)
+
+    def merge(node: dict[str, Any], update: dict[str, Any]) -> None:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value)
+            else:
+                node[key] = copy.deepcopy(value)
+
+    merge(merged, overrides)
+    return merged
+
+
+def batch_sizes(config: dict[str, Any], world_size: int) -> dict[str, int]:
+    """micro (per rank), accumulation, world size and the global batch they make."""
+    micro = config["train_micro_batch_size_per_gpu"]
+    accumulation = config.get("gradient_accumulation_steps", 1)
+    return {"micro": micro, "accumulation": accumulation, "world_size": world_size,
+            "global": micro * accumulation * world_size}
+
+
+def describe_batch(sizes: dict[str, int]) -> str:
+    """'global batch 256 = 64 per rank x 1 accumulation step(s) x 4 rank(s)'."""
+    return (f"global batch {sizes['global']} = {sizes['micro']} per rank x {sizes['accumulation']} "
+            f"accumulation step(s) x {sizes['world_size']} rank(s)")
+
+
+def load_ds_config(path: str, world_size: int, use_cuda: bool,
+                   overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """Read and check ``path`` with a preset's ``overrides`` merged in; resolve ``"auto"``
+    precision; return (config, precision).
 
     Precision: bf16 on GPUs (unless ds.json disables it), fp32 on the CPU whatever ds.json says
     (CPU bf16 autocast through DeepSpeed is slow and untested).
@@ -32,10 +91,16 @@ def load_ds_config(path: str, world_size: int, use_cuda: bool) -> tuple[dict[str
             config = json.load(handle)
         except json.JSONDecodeError as error:
             raise ValueError(f"--ds_config {path!r} is not valid JSON: {error}") from error
+    config = apply_ds_overrides(config, overrides)
+    if overrides:
+        path = f"{path} + the preset's deepspeed overrides"
     micro = config.get("train_micro_batch_size_per_gpu")
     accumulation = config.get("gradient_accumulation_steps", 1)
-    if not isinstance(micro, int) or micro < 1:
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
         raise ValueError(f"{path}: set train_micro_batch_size_per_gpu to a positive integer")
+    if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation < 1:
+        raise ValueError(f"{path}: gradient_accumulation_steps must be a positive integer, "
+                         f"got {accumulation!r}")
     total = config.get("train_batch_size")
     if total is not None and total != micro * accumulation * world_size:
         raise ValueError(
@@ -45,7 +110,6 @@ def load_ds_config(path: str, world_size: int, use_cuda: bool) -> tuple[dict[str
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ValueError(f"{path}: zero_optimization.stage {stage} is not supported (use 0-2)")
-    config = copy.deepcopy(config)
     precision = "fp32"
     for key in PRECISION_KEYS:
         section = config.get(key)
@@ -106,3 +170,31 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return min_ratio + (1 - min_ratio) * shape
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def clamp_parameter_(parameter: torch.nn.Parameter, low: float, high: float) -> None:
+    """Clamp ``parameter`` to [low, high] in the model and in this rank's piece of the
+    optimiser's fp32 master copy; call on every rank after each optimiser step.
+
+    DeepSpeed links each model parameter of a ZeRO-1/2 (or bf16) optimiser to its fragment of
+    the rank's flat fp32 partition (``_hp_mapping``, None where another rank owns it); the
+    fragment is clamped in place, no communication needed. Without such a link (ZeRO-0 in
+    fp32) the optimiser steps the model parameter itself. The gradient is untouched: inside
+    the bounds it is the ordinary one, as when the stored value is clamped after each batch.
+    """
+    if hasattr(parameter, "ds_id"):
+        raise ValueError("clamp_parameter_: ZeRO-3 partitioned parameters are not supported")
+    parameter.clamp_(low, high)
+    mapping = getattr(parameter, "_hp_mapping", None)
+    if mapping is not None:
+        mapping.get_hp_fragment().clamp_(low, high)
+
+
+def master_copy(parameter: torch.nn.Parameter) -> torch.Tensor:
+    """The optimiser's full fp32 master copy of ``parameter`` (a collective under ZeRO: call
+    on every rank); the parameter itself (as fp32) when the optimiser keeps no other copy."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(parameter)
+    return parameter.detach().float().clone() if value is None else value

@@ -4,10 +4,13 @@ Generic over a :class:`~melp_scale.train.task.Task` (model, loaders, forward, va
 export): ``MELPTask`` (stage 2, ``launch/pretrain.py``) and ``MLMTask`` (stage 1, the text
 encoder, ``launch/pretrain_text.py``) share this one loop.
 
-One optimiser step per ``gradient_accumulation_steps`` micro-batches (DeepSpeed counts them).
-After each step: the task's hook runs (MELP clamps the logit scale, METHOD.md §3), a stop
-request (SIGTERM/SIGINT on any rank) is agreed on by all ranks, checkpoints are written every
-``checkpoint_every`` steps, at the end and on a stop. A non-finite loss on any rank skips that
+One optimiser step per ``gradient_accumulation_steps`` micro-batches (DeepSpeed counts them;
+the global batch, micro x accumulation x ranks, is printed at the start and in the summary).
+After each step: the task's clamps apply to the model and the optimiser's fp32 master copy
+(MELP's logit scale, METHOD.md §3), its hook runs, a stop request (SIGTERM/SIGINT on any rank)
+is agreed on by all ranks, every ``select_every`` steps the task's selection score may keep the
+model as ``export-best/`` and stop a stalled run (``selection.py``), checkpoints are written
+every ``checkpoint_every`` steps, at the end and on a stop. A non-finite loss on any rank skips that
 micro-batch on all ranks (so ZeRO's collectives stay matched); ``max_nonfinite`` in a row stops
 the run. Validation runs each epoch, at the end, and before the first step with
 ``run.validate_at_start``.
@@ -25,8 +28,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from melp_scale.train import checkpoint
-from melp_scale.train.engine import build_optimizer, load_ds_config, warmup_cosine
+from melp_scale.train import checkpoint, selection
+from melp_scale.train.engine import (batch_sizes, build_optimizer, clamp_parameter_,
+                                     describe_batch, load_ds_config, warmup_cosine)
 from melp_scale.train.metrics import GpuTelemetry, MetricsLog
 from melp_scale.train.task import Placement, Task, to_device
 
@@ -42,17 +46,24 @@ class RunState:
     skipped_steps: int = 0
     last_val: dict[str, float] = dataclasses.field(default_factory=dict)
     first_val: dict[str, float] = dataclasses.field(default_factory=dict)  # before training
+    best_score: float | None = None  # the best checkpoint-selection score so far
+    best_step: int | None = None  # ... and its step (the model in export-best/)
+    since_best: int = 0  # selection scores since the best one
+    select_scores: list = dataclasses.field(default_factory=list)  # [step, score] pairs
 
 
 class Trainer:
     """Builds everything for one run; ``run()`` trains and returns the end summary."""
 
-    def __init__(self, task: Task, ds_config_path: str, resume: str | None = None):
-        """``resume``: None (fresh run), "latest" (must resume) or "auto" (resume if possible)."""
+    def __init__(self, task: Task, ds_config_path: str, resume: str | None = None,
+                 ds_overrides: dict[str, Any] | None = None):
+        """``resume``: None (fresh run), "latest" (must resume) or "auto" (resume if possible);
+        ``ds_overrides``: the preset's ``deepspeed:`` section, merged over ``ds_config_path``."""
         import deepspeed
 
         self.task, self.config, self.resume = task, task.config, resume
         config = self.config
+        self.selection = task.make_selection() if config.run.select_every else None
         self.use_cuda = torch.cuda.is_available()
         _single_process_env()
         deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo")
@@ -62,7 +73,11 @@ class Trainer:
         if self.use_cuda:
             torch.cuda.set_device(self.device)
         self.placement = Placement(self.rank, self.world_size, self.device)
-        self.ds_config, self.precision = load_ds_config(ds_config_path, self.world_size, self.use_cuda)
+        self.ds_config, self.precision = load_ds_config(ds_config_path, self.world_size,
+                                                        self.use_cuda, ds_overrides)
+        self.batch = batch_sizes(self.ds_config, self.world_size)
+        if self.rank == 0:
+            print(f"{task.name}: {describe_batch(self.batch)}, {self.precision}", flush=True)
         self.model_config_dict = task.model_config()
         self.checkpoints = os.path.join(config.run.out, "checkpoints")
         self._check_out_folder()
@@ -121,11 +136,14 @@ class Trainer:
                 if status == "epoch_end":
                     self._validate()
                     status = "running"
-            status = "stopped" if status == "stopped" else "finished"
-            if status == "finished" and self.state.last_val.get("step") != self.state.step:
+            status = status if status in ("stopped", "early-stopped") else "finished"
+            if status != "stopped" and self.state.last_val.get("step") != self.state.step:
                 self._validate()
+            if (status == "finished" and self.selection is not None
+                    and not any(s == self.state.step for s, _ in self.state.select_scores)):
+                self._select()
             self._save()
-            export = self._export() if status == "finished" else None
+            export = self._export() if status != "stopped" else None
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -145,6 +163,8 @@ class Trainer:
                 sums[name] = sums.get(name, 0.0) + value
             if self.engine.global_steps > self.state.step:  # an optimiser step happened
                 self.state.step = self.engine.global_steps
+                for parameter, low, high in self.task.clamped_parameters(self.model):
+                    clamp_parameter_(parameter, low, high)
                 self.task.after_step(self.model)
                 window_steps += 1
                 bar.update(1)
@@ -156,6 +176,9 @@ class Trainer:
                     return "stopped"
                 if self.state.step >= self.total_steps:
                     return "done"
+                every = self.config.run.select_every
+                if every and self.state.step % every == 0 and self._select():
+                    return "early-stopped"
                 if self.state.step % self.config.run.checkpoint_every == 0:
                     self._save()
             fetch_start = time.time()
@@ -212,6 +235,28 @@ class Trainer:
         self.state.last_val = record
         self.metrics.write(record)
 
+    # ------------------------------------------------------------------ selection
+    def _select(self) -> bool:
+        """Score this step (rank 0, broadcast), keep the model if best; True when
+        ``select_patience`` scores in a row brought no improvement."""
+        self.engine.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.use_cuda else []):
+            score, details = selection.broadcast_score(
+                self.rank, lambda: self.selection.score(self.model))
+        self.engine.train()
+        step, run = self.state.step, self.config.run
+        improved = selection.update_best(self.state, step, score)
+        if improved:
+            if self.rank == 0:
+                selection.write_best(self.task.export, self.model, run.out, {
+                    "step": step, "score": score, "metric": selection.METRIC, **details})
+            dist.barrier()
+        self.metrics.write({"kind": "select", "step": step, "select_score": score, **details,
+                            "best_score": self.state.best_score, "best_step": self.state.best_step})
+        log.info("step %d: selection score %.3f (best %s at step %s)", step, score,
+                 self.state.best_score, self.state.best_step)
+        return bool(run.select_patience) and self.state.since_best >= run.select_patience
+
     # ------------------------------------------------------------------ stop / save
     def _request_stop(self, signum: int, frame: Any) -> None:
         log.warning("rank %d: %s received, stopping after this step", self.rank,
@@ -253,7 +298,9 @@ class Trainer:
                 "bad_samples": self.train_loader.num_bad_samples,
                 "checkpoint": os.path.join(self.checkpoints, latest["tag"]) if latest else None,
                 "export": export, "export_format": self.task.export_format,
-                "validation": self.state.last_val, "validation_before": self.state.first_val}
+                "validation": self.state.last_val, "validation_before": self.state.first_val,
+                "batch": self.batch, "selection": selection.selection_summary(
+                    self.state, self.config.run.out, self.config.run.select_every)}
 
     def close(self) -> None:
         self.metrics.close()

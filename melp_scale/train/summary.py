@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from melp_scale.train.engine import describe_batch
+
 
 def _metrics(record: dict[str, Any]) -> str:
     return ", ".join(f"{k[4:]} {v:.3f}" for k, v in record.items()
@@ -21,6 +23,15 @@ def print_summary(summary: dict[str, Any]) -> None:
         lines.append(f"validation before training: {_metrics(before)}")
     if val:
         lines.append(f"validation{' at the end' if before else ''}: {_metrics(val)}")
+    batch = summary.get("batch")
+    if batch:
+        lines.append(describe_batch(batch))
+    chosen = summary.get("selection")
+    if chosen:
+        best = chosen["best_score"]
+        lines.append(f"checkpoint selection ({chosen['metric']}, every {chosen['every']} steps): "
+                     + (f"best {best:.2f} at step {chosen['best_step']} -> {chosen['export_best']}"
+                        if best is not None else "no finite score"))
     lines.append(f"skipped non-finite steps: {summary['skipped_steps']}, "
                  f"bad samples: {summary['bad_samples']}")
     lines.append(f"checkpoint: {summary['checkpoint']}")

@@ -14,7 +14,9 @@ hook                  MELP (stage 2, ``MELPTask``)                 MLM (stage 1,
 ``build_loaders``     ``StreamLoader`` train / val                 ``PackedLoader`` train / val
 ``forward``           the three losses and the logit scale        MLM loss, masked-token accuracy
 ``validate``          losses + ECG<->report recall                 loss, perplexity, accuracy
-``after_step``        clamp the logit scale                        nothing
+``clamped_parameters`` the logit scale in [0, ln 100]              none
+``after_step``        nothing                                      nothing
+``make_selection``    zero-shot AUC on ``select.sets``             none (``run.select_every`` refused)
 ``export``            ``MELP.save_pretrained``                     HF ``save_pretrained`` + tokenizer
 ====================  ==========================================  =================================
 
@@ -110,8 +112,20 @@ class Task(abc.ABC):
         """Validation metrics over one pass of ``loader`` on every rank, reduced over ranks,
         named ``val_*`` (the engine is in eval mode and gradients are off)."""
 
+    def clamped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
+        """(parameter, low, high) the Trainer clamps after every optimiser step, in the model
+        and in the optimiser's fp32 master copy (``engine.clamp_parameter_``)."""
+        return []
+
     def after_step(self, model: nn.Module) -> None:
-        """Called after every optimiser step."""
+        """Called after every optimiser step (after the clamps)."""
+
+    def make_selection(self) -> Any:
+        """The checkpoint-selection scorer ``run.select_every`` uses: an object whose
+        ``score(model)`` returns (score, {name: value}), higher is better. Built on every rank
+        at the start (so bad settings fail early), called on rank 0 only."""
+        raise ValueError(f"run.select_every: the {self.name} task has no checkpoint-selection "
+                         "score; set run.select_every=0")
 
     @abc.abstractmethod
     def export(self, model: nn.Module, path: str) -> None:

@@ -171,7 +171,8 @@ def test_split_csv_aliases_of_the_published_cpsc_file(tmp_path):
                    "677,677,A6729,False,61.0,0,{},1,0,0,0,1,0,0,0,0\n")
     frame = read_split_csv(str(csv), get_task("cpsc2018"))
     assert frame["record"].tolist() == ["A6729"]
-    row = dict(zip(get_task("cpsc2018").class_names, frame.iloc[0, 1:].tolist()))
+    classes = get_task("cpsc2018").class_names
+    row = dict(zip(classes, frame[classes].iloc[0].tolist()))
     assert row == {"NORM": 0, "AF": 0, "I-AVB": 0, "LBBB": 0, "RBBB": 1, "PAC": 0, "PVC": 0,
                    "STD": 1, "STE": 0}
 

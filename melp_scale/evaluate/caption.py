@@ -10,6 +10,13 @@ samples of a shard-set split and compared with the clean reference reports:
   not modelled), then micro F1 over all (sample, statement) pairs and macro F1 over the
   statements that occur in the references, × 100.
 
+On PTB-XL shards (``python -m melp_scale.shard build --source ptbxl``: the database's free-text
+``report`` column, cleaned as in pretraining) ``split="test"`` (the default ``auto`` there)
+captions the benchmark test fold (``strat_fold`` 10), whose patients no PTB-XL split of
+another fold holds. PTB-XL reports are written in German, English or Swedish (most in
+German): a model pretrained on English reports is scored against them as they are, so BLEU
+and ROUGE there measure the language gap too; the statement F1 patterns are English.
+
 METEOR (nltk) needs the WordNet corpus, which nltk downloads at run time and which is not
 installable from PyPI, and BERTScore needs a model download: both fail offline and are left
 out. sacrebleu and rouge-score are pure-Python PyPI packages and work with no network.
@@ -62,7 +69,7 @@ _COMPILED = tuple((name, re.compile(pattern)) for name, pattern in STATEMENTS)
 class CaptionConfig:
     """Report-generation settings."""
 
-    split: str = "val"  # shard-set split to caption ("train", "val" or "all")
+    split: str = "val"  # split to caption ("train", "val", "test" = PTB-XL fold 10, or "all")
     max_samples: int | None = 64  # caption at most this many samples of the split (None: all)
     beams: int = 1  # 1 = greedy decoding
     max_len: int | None = None  # tokens per generated report (None: the model's text max_length)

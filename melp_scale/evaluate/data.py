@@ -1,27 +1,28 @@
 """Labelled shard sets -> per-task label matrices, splits, and model features (cached).
 
-Reading: every sample of a shard set (its ``train`` and ``val`` shards alike: the pretraining
-split of a downstream set means nothing here) is indexed through ``melp_scale.stream``'s shard
-reader, and ECGs go through the pretraining ``EcgTransform`` with the pretraining settings
-(``normalize="minmax"`` over the whole record, no lead mask, the shard's fs / window / lead
-order as built; ``crop_samples`` centred when set), so inputs equal what the model trained on.
+Reading: every sample of a shard set (its ``train`` and ``val`` shards) is indexed through
+``melp_scale.stream``'s shard reader, and ECGs go through the pretraining ``EcgTransform``
+with the pretraining settings (``normalize="minmax"`` over the whole record, no lead mask,
+the shard's fs / window / lead order as built; ``crop_samples`` centred when set), so inputs
+equal what the model trained on. ``head_samples`` (``--protocol melp`` for CPSC2018) keeps
+the first samples and zero-pads the rest before normalising, as the MERL/MELP code does.
 
-Evaluation splits, per task (the shard set's own train/val split is ignored):
+Evaluation splits, per task:
 
 - ``ptbxl-*``: the PTB-XL benchmark folds from the sample json's ``strat_fold``: 1-8 train,
   9 val, 10 test;
-- ``cpsc2018``, ``csn``, ``synthetic-*``: a seeded split by **subject** (``subject`` of the
-  json: the patient; a Challenge record is its own subject, so this is a record split as in
-  the published MERL/MELP splits): the sorted subjects are permuted by
-  ``numpy.random.default_rng(seed)``; the first ``test_fraction`` go to test, the next
+- ``cpsc2018``, ``csn``, ``synthetic-*``, by **subject** (``subject`` of the json: the
+  patient; a Challenge record is its own subject). When the shard set has its own subject
+  split (train and val shards, ``python -m melp_scale.shard build --val-fraction``), it is
+  kept: its val subjects are the test split, and its train subjects are divided (seeded) into
+  train and val. So a model pretrained on the train shards is never tested on its own
+  training subjects. Otherwise the sorted subjects are permuted by
+  ``numpy.random.default_rng(seed)``: the first ``test_fraction`` go to test, the next
   ``val_fraction`` to val, the rest to train (defaults 0.2 / 0.1, the published CPSC2018 /
   CSN proportions). No subject is in two splits;
-- ``--split-csv SPLIT=PATH`` (any task): the published split files (a CSV of record file
-  names + one 0/1 column per class). Rows are matched to samples by record name (basename, no
-  extension, no ``_hr``/``_lr``, numbers without leading zeros: ``records500/00000/00001_hr``
-  is PTB-XL record 1, ``/chapman/.../JS18048.mat`` is ``JS18048``) and columns to classes by
-  **name** (the class name or an alias, case-insensitive), never by position; labels then come
-  from the CSV. Samples named by no CSV are left out, CSV rows with no sample are counted.
+- ``--split-csv SPLIT=PATH`` (any task): the published split files (splitcsv.py): records
+  matched by id or file path, classes by normalised column name; labels come from the CSV.
+  Samples named by no CSV are left out, CSV rows with no sample are counted.
 """
 from __future__ import annotations
 
@@ -33,15 +34,13 @@ import re
 from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 
+from melp_scale.evaluate.splitcsv import read_split_csv, read_split_files, record_name  # noqa: F401
 from melp_scale.evaluate.tasks import Task
 from melp_scale.stream import EcgTransform, ShardReader, load_shard_set
 
 SPLITS = ("train", "val", "test")
-RECORD_COLUMNS = ("filename_hr", "filename_lr", "ecg_path", "filename", "record", "file_name",
-                  "path", "record_id", "ecg_id")
 
 
 @dataclasses.dataclass
@@ -57,6 +56,7 @@ class DataConfig:
     test_fraction: float = 0.2  # seeded split: share of subjects in test
     split_csvs: dict[str, str] = dataclasses.field(default_factory=dict)  # split -> published CSV
     record_column: str | None = None  # split CSV column naming records (None: auto-detect)
+    head_samples: int | None = None  # keep the first samples, zero-pad the rest (None: all)
 
     def __post_init__(self) -> None:
         if self.normalize not in ("minmax", "zscore", "none"):
@@ -66,6 +66,8 @@ class DataConfig:
         if not (0 <= self.val_fraction < 1 and 0 < self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise ValueError("--val-fraction and --test-fraction must be in [0, 1) with a sum below 1")
+        if self.head_samples is not None and self.head_samples < 1:
+            raise ValueError(f"head_samples must be >= 1, got {self.head_samples}")
         bad = set(self.split_csvs) - set(SPLITS)
         if bad:
             raise ValueError(f"--split-csv: unknown split(s) {sorted(bad)}; use train=, val=, test=")
@@ -156,10 +158,30 @@ def iter_ecg_batches(refs: list[SampleRef], transform: EcgTransform, batch_size:
             reader.close()
 
 
-def make_transform(config: DataConfig) -> EcgTransform:
+class HeadTransform:
+    """Keep the first ``head`` samples of the (cropped) window, zero-pad (0 mV) back to its
+    length, then normalise: the MERL/MELP input for CPSC2018 (first 5 s of 10)."""
+
+    def __init__(self, transform: EcgTransform, head: int):
+        self.transform, self.head = transform, head
+        self.crop, transform.crop_samples = transform.crop_samples, None
+
+    def __call__(self, ecg: np.ndarray, gain: float, rng: np.random.Generator) -> np.ndarray:
+        if self.crop is not None:
+            start = (ecg.shape[1] - self.crop) // 2
+            if start < 0:
+                raise ValueError(f"{ecg.shape[1]} time steps, shorter than crop_samples={self.crop}")
+            ecg = ecg[:, start:start + self.crop]
+        padded = np.zeros_like(ecg)
+        padded[:, :self.head] = ecg[:, :self.head]
+        return self.transform(padded, gain, rng)
+
+
+def make_transform(config: DataConfig):
     """The pretraining ECG transform with evaluation settings (no mask, centred crop)."""
-    return EcgTransform(config.normalize, lead_mask_p=0.0, crop_samples=config.crop_samples,
-                        random_crop=False)
+    transform = EcgTransform(config.normalize, lead_mask_p=0.0, crop_samples=config.crop_samples,
+                             random_crop=False)
+    return transform if config.head_samples is None else HeadTransform(transform, config.head_samples)
 
 
 # ----------------------------------------------------------------------------- features
@@ -182,12 +204,14 @@ def extract_features(model, refs: list[SampleRef], config: DataConfig,
     model.eval()
     device = next(model.parameters()).device
     out_global, out_features = [], []
+    fast = None  # the one-pass path, once checked against the public API
     for _, ecg in iter_ecg_batches(refs, make_transform(config), config.batch_size):
-        tokens = model.ecg_encoder(ecg.to(device))  # (B, N_tok, D)
-        pooled = model.beat_pooler.pooled(tokens)  # (B, Q_b, E) before proj_contrast
-        beats = model.beat_pooler.proj_contrast(pooled)  # (B, Q_b, E)
-        out_global.append(torch.nn.functional.normalize(beats.mean(dim=1), dim=-1).float().cpu())
-        out_features.append(pooled.mean(dim=1).float().cpu())
+        ecg = ecg.to(device)
+        if fast is None:
+            fast = _fast_path_agrees(model, ecg[:2])
+        ecg_global, features = ecg_outputs(model, ecg, fast)
+        out_global.append(ecg_global.float().cpu())
+        out_features.append(features.float().cpu())
     result = {"global": torch.cat(out_global).numpy(), "features": torch.cat(out_features).numpy()}
     if path is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -195,6 +219,29 @@ def extract_features(model, refs: list[SampleRef], config: DataConfig,
         np.savez(tmp, **result)
         os.replace(tmp, path)
     return result
+
+
+def ecg_outputs(model, ecg: torch.Tensor, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global L2-normalised embedding, linear-probe feature) of a batch: the public API
+    (``encode_ecg``, ``ecg_features``: two encoder passes), or with ``fast`` one pass through
+    the beat pooler's parts (``_fast_path_agrees`` checks it gives the same numbers)."""
+    if fast:
+        pooled = model.beat_pooler.pooled(model.ecg_encoder(ecg))  # (B, Q_b, E) before proj
+        beats = model.beat_pooler.proj_contrast(pooled)  # (B, Q_b, E)
+        return torch.nn.functional.normalize(beats.mean(dim=1), dim=-1), pooled.mean(dim=1)
+    return model.encode_ecg(ecg)[0], model.ecg_features(ecg)
+
+
+def _fast_path_agrees(model, ecg: torch.Tensor) -> bool:
+    pooler = getattr(model, "beat_pooler", None)
+    if pooler is None or not hasattr(pooler, "pooled") or not hasattr(pooler, "proj_contrast"):
+        return False
+    try:
+        fast = ecg_outputs(model, ecg, fast=True)
+    except (AttributeError, TypeError, RuntimeError):
+        return False
+    public = ecg_outputs(model, ecg, fast=False)
+    return all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(fast, public))
 
 
 def _cache_key(checkpoint: str | None, config: DataConfig) -> str:
@@ -206,19 +253,11 @@ def _cache_key(checkpoint: str | None, config: DataConfig) -> str:
             if os.path.isfile(file):
                 stat = os.stat(file)
                 digest.update(f"{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    digest.update(f"{config.normalize}:{config.crop_samples}".encode())
+    digest.update(f"{config.normalize}:{config.crop_samples}:{config.head_samples}".encode())
     return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- labels, splits
-
-
-def record_name(name: str) -> str:
-    """Normalised record name: basename, no extension, no ``_hr``/``_lr``, int if numeric."""
-    base = os.path.basename(str(name).strip().replace("\\", "/"))
-    base = re.sub(r"\.(mat|hea|dat|npy|csv)$", "", base, flags=re.IGNORECASE)
-    base = re.sub(r"_(hr|lr)$", "", base)
-    return str(int(base)) if base.isdigit() else base
 
 
 def task_data(task: Task, refs: list[SampleRef], config: DataConfig) -> TaskData:
@@ -232,29 +271,49 @@ def task_data(task: Task, refs: list[SampleRef], config: DataConfig) -> TaskData
                          f"{config.data!r} has none (sources: "
                          f"{sorted({str(r.meta.get('source')) for r in refs})})")
     if config.split_csvs:
-        rows, labels, splits, unmatched = _from_split_csvs(task, refs, candidates, config)
-        left_out["not_in_split_csv"] = len(candidates) - len(rows)
-        left_out["split_csv_rows_without_sample"] = unmatched
-        rule = "split CSV: " + ", ".join(f"{s}={p}" for s, p in sorted(config.split_csvs.items()))
+        rows, labels, splits, counts, rule = _from_split_csvs(task, refs, candidates, config)
+        left_out["not_in_split_csv"] = len(candidates) - len(set(rows.tolist()))
+        left_out.update(counts)
+        return TaskData(task, rows, labels, splits, rule, {k: v for k, v in left_out.items() if v})
+    rows = np.asarray(candidates, dtype=np.int64)
+    labels = np.asarray([task.label_row(refs[i].meta.get("labels", {})) for i in rows],
+                        dtype=np.uint8).reshape(len(rows), len(task.classes))
+    if task.split_rule == "ptbxl-folds":
+        splits = np.asarray([_fold_split(refs[i].meta.get("strat_fold")) for i in rows])
+        rule = "PTB-XL strat_fold: 1-8 train, 9 val, 10 test"
     else:
-        rows = np.asarray(candidates, dtype=np.int64)
-        labels = np.asarray([task.label_row(refs[i].meta.get("labels", {})) for i in rows],
-                            dtype=np.uint8).reshape(len(rows), len(task.classes))
-        if task.split_rule == "ptbxl-folds":
-            splits = np.asarray([_fold_split(refs[i].meta.get("strat_fold")) for i in rows])
-            rule = "PTB-XL strat_fold: 1-8 train, 9 val, 10 test"
-        else:
-            splits = seeded_split([str(refs[i].meta.get("subject", refs[i].key)) for i in rows],
-                                  config.seed, config.val_fraction, config.test_fraction)
-            rule = (f"seeded subject split (seed {config.seed}, val {config.val_fraction}, "
-                    f"test {config.test_fraction})")
-        keep = splits != ""
-        left_out["no_fold"] = int((~keep).sum())
-        if task.drop_unlabelled:
-            left_out["no_label_of_task"] = int((keep & (labels.sum(axis=1) == 0)).sum())
-            keep &= labels.sum(axis=1) > 0
-        rows, labels, splits = rows[keep], labels[keep], splits[keep]
+        splits, rule = _subject_splits([refs[i] for i in rows], config)
+    keep = splits != ""
+    left_out["no_fold"] = int((~keep).sum())
+    if task.drop_unlabelled:
+        left_out["no_label_of_task"] = int((keep & (labels.sum(axis=1) == 0)).sum())
+        keep &= labels.sum(axis=1) > 0
+    rows, labels, splits = rows[keep], labels[keep], splits[keep]
     return TaskData(task, rows, labels, splits, rule, {k: v for k, v in left_out.items() if v})
+
+
+def _subject_splits(refs: list[SampleRef], config: DataConfig) -> tuple[np.ndarray, str]:
+    """Splits by subject. When the shard set has its own subject split (train and val shards),
+    it is kept: its val subjects are the test split, its train subjects are split (seeded)
+    into train and val; otherwise one seeded split of every subject."""
+    subjects = [str(r.meta.get("subject", r.key)) for r in refs]
+    own = np.asarray([r.split for r in refs])
+    if (own == "val").any() and (own == "train").any():
+        splits = np.full(len(refs), "test", dtype=object)
+        train = np.flatnonzero(own == "train")
+        fraction = config.val_fraction / max(1e-9, 1 - config.test_fraction)
+        train_subjects = [subjects[i] for i in train]
+        inner = (seeded_split(train_subjects, config.seed, 0.0, min(fraction, 0.5))
+                 if config.val_fraction > 0 and len(set(train_subjects)) > 2
+                 else np.full(len(train), "train"))
+        splits[train] = np.where(inner == "test", "val", "train")
+        return splits.astype(str), (
+            "the shard set's own subject split: its val shards are the test split, its train "
+            f"shards' subjects are split into train/val (seed {config.seed}, val share "
+            f"{min(fraction, 0.5):.3g})")
+    splits = seeded_split(subjects, config.seed, config.val_fraction, config.test_fraction)
+    return splits, (f"seeded subject split (seed {config.seed}, val {config.val_fraction}, "
+                    f"test {config.test_fraction})")
 
 
 def _fold_split(fold: Any) -> str:
@@ -281,51 +340,29 @@ def seeded_split(subjects: list[str], seed: int, val_fraction: float, test_fract
 
 
 def _from_split_csvs(task: Task, refs: list[SampleRef], candidates: list[int], config: DataConfig
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    by_name = {record_name(refs[i].meta.get("record_id", refs[i].key)): i for i in candidates}
-    rows, labels, splits, unmatched = [], [], [], 0
-    for split, path in sorted(config.split_csvs.items()):
-        frame = read_split_csv(path, task, config.record_column)
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int], str]:
+    """Rows, labels and splits from the published split files (every window of a record)."""
+    by_name: dict[str, list[int]] = {}
+    for i in candidates:
+        by_name.setdefault(record_name(refs[i].meta.get("record_id", refs[i].key)), []).append(i)
+    frames = read_split_files(config.split_csvs, task, config.record_column, set(by_name))
+    rows, labels, splits = [], [], []
+    counts = {"split_csv_rows_without_sample": 0, "split_csv_repeated_rows": 0}
+    for split, frame in frames.items():
+        counts["split_csv_repeated_rows"] += frame.attrs.get("repeated_rows", 0)
         for record, row in zip(frame["record"], frame[task.class_names].to_numpy()):
-            index = by_name.get(record)
-            if index is None:
-                unmatched += 1
+            indices = by_name.get(record)
+            if indices is None:
+                counts["split_csv_rows_without_sample"] += 1
                 continue
-            rows.append(index)
-            labels.append(row)
-            splits.append(split)
+            rows.extend(indices)
+            labels.extend([row] * len(indices))
+            splits.extend([split] * len(indices))
     if not rows:
         raise ValueError(f"--split-csv: no record of {sorted(config.split_csvs.values())} is in "
-                         f"--data {config.data!r} (records are matched by file name)")
+                         f"--data {config.data!r} (records are matched by id or file name)")
+    rule = "split CSV: " + ", ".join(
+        f"{s}={os.path.basename(p)} (records by column {frames[s].attrs['record_column']!r})"
+        for s, p in sorted(config.split_csvs.items()))
     return (np.asarray(rows, dtype=np.int64), np.asarray(labels, dtype=np.uint8),
-            np.asarray(splits), unmatched)
-
-
-def read_split_csv(path: str, task: Task, record_column: str | None = None) -> pd.DataFrame:
-    """A published split CSV -> DataFrame with ``record`` (normalised names) and one 0/1
-    column per class of ``task``, in class order, matched by column name."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--split-csv {path!r} does not exist")
-    frame = pd.read_csv(path, dtype=str)
-    lowered = {str(c).strip().lower(): c for c in frame.columns}
-    column = record_column or next((lowered[c] for c in RECORD_COLUMNS if c in lowered), None)
-    if column is None or column not in frame.columns:
-        raise ValueError(f"--split-csv {path!r}: no record column (looked for "
-                         f"{record_column or ', '.join(RECORD_COLUMNS)}); set --record-column")
-    out = pd.DataFrame({"record": [record_name(v) for v in frame[column]]})
-    missing = []
-    for cls in task.classes:
-        names = [n.lower() for n in (cls.name, *cls.aliases)]
-        found = [lowered[n] for n in names if n in lowered]
-        if len(found) > 1:
-            raise ValueError(f"--split-csv {path!r}: class {cls.name} matches several columns {found}")
-        if not found:
-            missing.append(cls.name)
-            continue
-        values = pd.to_numeric(frame[found[0]].str.strip().replace({"True": "1", "False": "0"}),
-                               errors="coerce").fillna(0)
-        out[cls.name] = (values.to_numpy() > 0.5).astype(np.uint8)
-    if missing:
-        raise ValueError(f"--split-csv {path!r}: no column for class(es) {', '.join(missing)} of "
-                         f"task {task.name} (columns: {', '.join(map(str, frame.columns))})")
-    return out
+            np.asarray(splits), counts, rule)

@@ -13,7 +13,11 @@
   1e-5, mini-batches of ``batch_size``, at most ``epochs`` epochs; after each epoch the val
   macro AUC is measured, the best weights kept, and training stops after ``patience`` epochs
   without improvement (with no val row, or no class defined on val, the last epoch is kept).
-- Test: macro / per-class ROC-AUC of the sigmoid scores on the test split, with bootstrap CIs.
+- Test: macro / per-class ROC-AUC of the sigmoid scores on the test split, with bootstrap CIs
+  (``auc_scores="softmax"``: of a softmax over the classes' logits, a labelled compatibility
+  option only: it makes the classes of a multi-label task compete).
+- Presets: ``ours`` (batch 16, patience 10: the 1 % subsets have few rows) and ``official``
+  (the published code's batch 128, patience 5); the preset is named in the results.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from torch import nn
 from melp_scale.evaluate.data import TaskData
 from melp_scale.evaluate.metrics import evaluate_auc, macro_auc
 
+PRESETS = {"ours": {"batch_size": 16, "patience": 10},
+           "official": {"batch_size": 128, "patience": 5}}
+
 
 @dataclasses.dataclass
 class ProbeConfig:
@@ -41,6 +48,16 @@ class ProbeConfig:
     patience: int = 10  # epochs without a better val macro AUC before stopping
     batch_size: int = 16  # rows per optimiser step (small: the 1 % subsets have few rows)
     seed: int = 0  # seeds the training subsets and the initialisation
+    preset: str = "ours"  # name of the settings' origin, reported ("ours", "official", "custom")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ProbeConfig":
+        """``PRESETS[name]`` with ``overrides`` (None values ignored); custom if they differ."""
+        if name not in PRESETS:
+            raise ValueError(f"--probe-preset must be one of {', '.join(PRESETS)}, got {name!r}")
+        settings = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+        changed = any(settings[k] != v for k, v in PRESETS[name].items())
+        return cls(**settings, preset=f"{name} (modified)" if changed else name)
 
     def __post_init__(self) -> None:
         if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
@@ -117,7 +134,8 @@ def _fit(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.
 
 
 def run_linear_probe(data: TaskData, features: np.ndarray, config: ProbeConfig,
-                     num_bootstrap: int = 1000) -> tuple[dict[str, Any], dict]:
+                     num_bootstrap: int = 1000, auc_scores: str = "sigmoid"
+                     ) -> tuple[dict[str, Any], dict]:
     """Linear probe of ``data`` for each training fraction; ``features`` (N_all, E) indexed by
     ``data.rows``. Returns (result JSON, curves of the largest fraction)."""
     split_x = {s: features[data.rows[data.split_rows(s)]].astype(np.float32)
@@ -132,11 +150,14 @@ def run_linear_probe(data: TaskData, features: np.ndarray, config: ProbeConfig,
         layer, log = fit_probe(split_x["train"][subset], split_y["train"][subset],
                                split_x["val"], split_y["val"], config)
         with torch.no_grad():
-            scores = torch.sigmoid(layer(torch.from_numpy(split_x["test"]))).numpy()
+            logits = layer(torch.from_numpy(split_x["test"]))
+            scores = (torch.softmax(logits, dim=1) if auc_scores == "softmax"
+                      else torch.sigmoid(logits)).numpy()
         auc = evaluate_auc(split_y["test"], scores, data.task.class_names, num_bootstrap, config.seed)
         results[f"{fraction:g}"] = {"num_train": int(len(subset)), **log, **auc.to_dict()}
         curves = {"labels": split_y["test"], "scores": scores, "classes": data.task.class_names}
     sizes = {s: int(len(v)) for s, v in split_x.items()}
     return {"kind": "linear_probe", "task": data.task.name, "split_rule": data.split_rule,
             "split_sizes": sizes, "left_out": data.left_out,
+            "auc_scores": "softmax over classes (compatibility)" if auc_scores == "softmax" else "sigmoid",
             "settings": dataclasses.asdict(config), "fractions": results}, curves

@@ -46,10 +46,12 @@ def _title(task: str) -> str:
     return TASKS[task].title if task in TASKS else task
 
 
-def auc_table(zeroshot: dict[str, dict], probes: dict[str, dict], label: str = "this checkpoint"
-              ) -> str:
-    """The paper's layout: columns = tasks, rows = zero-shot and linear probe per fraction."""
-    tasks = list(dict.fromkeys([*zeroshot, *probes]))
+def auc_table(zeroshot: dict[str, dict], probes: dict[str, dict], label: str = "this checkpoint",
+              finetune: dict[str, dict] | None = None) -> str:
+    """The paper's layout: columns = tasks, rows = zero-shot, then linear probe and
+    fine-tuning per training fraction."""
+    finetune = finetune or {}
+    tasks = list(dict.fromkeys([*zeroshot, *probes, *finetune]))
     if not tasks:
         return ""
     lines = ["| method | " + " | ".join(_title(t) for t in tasks) + " | mean |",
@@ -57,10 +59,11 @@ def auc_table(zeroshot: dict[str, dict], probes: dict[str, dict], label: str = "
     rows: list[tuple[str, list[dict | None]]] = []
     if zeroshot:
         rows.append((f"{label}, zero-shot", [zeroshot.get(t) for t in tasks]))
-    fractions = list(dict.fromkeys(f for p in probes.values() for f in p["fractions"]))
-    for fraction in fractions:
-        cells = [probes[t]["fractions"].get(fraction) if t in probes else None for t in tasks]
-        rows.append((f"{label}, linear probe {float(fraction) * 100:g} %", cells))
+    for name, table in (("linear probe", probes), ("fine-tuning", finetune)):
+        fractions = list(dict.fromkeys(f for p in table.values() for f in p["fractions"]))
+        for fraction in fractions:
+            cells = [table[t]["fractions"].get(fraction) if t in table else None for t in tasks]
+            rows.append((f"{label}, {name} {float(fraction) * 100:g} %", cells))
     for name, cells in rows:
         values = [c["macro_auc"] for c in cells if c and c.get("macro_auc") is not None]
         mean = f"{np.mean(values):.2f}" if values else "n/a"
@@ -101,7 +104,8 @@ def caption_table(result: dict[str, Any]) -> str:
 def summary_markdown(results: dict[str, Any], label: str = "this checkpoint") -> str:
     """One document: the AUC table, then retrieval and caption when present."""
     parts = []
-    table = auc_table(results.get("zeroshot", {}), results.get("linear_probe", {}), label)
+    table = auc_table(results.get("zeroshot", {}), results.get("linear_probe", {}), label,
+                      results.get("finetune", {}))
     if table:
         parts.append("## Classification (macro ROC-AUC × 100, bootstrap 95 % CI)\n\n" + table)
     if "retrieval" in results:
@@ -111,7 +115,75 @@ def summary_markdown(results: dict[str, Any], label: str = "this checkpoint") ->
         c = results["caption"]
         parts.append(f"## Report generation ({c['num_reports']} reports, split {c['split']})\n\n"
                      + caption_table(c))
+    if "patient_id" in results:
+        parts.append(patient_table(results["patient_id"]))
     return "\n".join(parts)
+
+
+def patient_table(result: dict[str, Any]) -> str:
+    """Top-k patient identification accuracy × 100 per feature kind, with chance."""
+    ks = [k for k in result["chance"]]
+    lines = [f"## Patient identification ({result['num_gallery']} gallery patients, "
+             f"{result['num_probes']} probes; {result['split_rule']})\n",
+             "| feature | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+    for name in ("features", "global"):
+        if name in result:
+            lines.append(f"| {name} | " + " | ".join(f"{result[name][k]:.2f}" for k in ks) + " |")
+    lines.append("| chance | " + " | ".join(f"{result['chance'][k]:.2f}" for k in ks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def protocol_markdown(results: dict[str, Any]) -> str:
+    """The protocol switches the numbers depend on."""
+    protocol = results.get("protocol")
+    if not protocol:
+        return ""
+    return ("## Protocol\n\n"
+            f"- input: `{protocol['name']}` ({protocol['input']})\n"
+            f"- AUC scores: {protocol['auc_scores']}"
+            + (" (compatibility option: classes compete)" if protocol["auc_scores"] == "softmax" else "")
+            + f"\n- linear-probe preset: {protocol['probe_preset']}\n"
+            f"- zero-shot prompts: {protocol['prompts']}\n")
+
+
+def _seen(seen: dict[str, Any] | None) -> str:
+    if not seen:
+        return "-"
+    flag = seen.get("seen_in_pretraining")
+    if flag == "unknown":
+        return f"{seen['num_subjects']} subjects, unknown (no training_data.json)"
+    return (f"{seen['num_subjects']} subjects, {seen['subjects_trained_on']} trained on, "
+            f"{seen['subjects_validated_on']} validated on")
+
+
+def data_markdown(results: dict[str, Any]) -> str:
+    """Per evaluation: split rule, counts, and the scored subjects seen in pretraining."""
+    pretraining = results.get("pretraining", {})
+    lines = ["## Data, splits and pretraining overlap\n",
+             f"Pretraining record: {pretraining.get('record', 'unknown')}"
+             + (f"; pretraining shard sets: {', '.join(pretraining['pretraining_shard_sets'])}; "
+                f"this shard set pretrained on: {pretraining['evaluated_shard_set_was_pretrained_on']}"
+                if "pretraining_shard_sets" in pretraining else "")
+             + ("; --allow-pretraining-rows was set" if pretraining.get("allow_pretraining_rows") else "")
+             + "\n", "| evaluation | task | split rule | train / val / test | scored subjects (test) |",
+             "|---|---|---|---|---|"]
+    for kind in ("zeroshot", "linear_probe", "finetune"):
+        for task, result in results.get(kind, {}).items():
+            counts = result.get("split_counts", {})
+            subjects = result.get("subjects", {})
+            scored = subjects.get("test") if not (kind == "zeroshot" and result.get("split") == "all") else None
+            lines.append(f"| {kind} | {task} | {result['split_rule']} | "
+                         f"{counts.get('train', '-')} / {counts.get('val', '-')} / {counts.get('test', '-')} | "
+                         f"{_seen(scored) if scored else 'all rows: ' + _all_seen(subjects)} |")
+    for kind in ("retrieval", "caption", "patient_id"):
+        if kind in results:
+            lines.append(f"| {kind} | - | split {results[kind].get('split')} | - | "
+                         f"{_seen(results[kind].get('subjects'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _all_seen(subjects: dict[str, dict]) -> str:
+    return "; ".join(f"{split}: {_seen(seen)}" for split, seen in subjects.items())
 
 
 def plot_roc(curves: dict[str, Any], path: str, title: str) -> None:

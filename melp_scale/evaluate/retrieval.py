@@ -1,7 +1,7 @@
 """ECG <-> report retrieval on a split of a shard set (any set with reports).
 
-The samples of the shard set's own ``val`` split (``split="train"`` or ``"all"`` otherwise)
-are ECG-report pairs; the ECG global embeddings (data.py, cached) and the reports' global text
+The samples of the shard set's own ``val`` split (``split="train"``, ``"all"``, or ``"test"``:
+PTB-XL's test fold 10 when the samples have folds) are ECG-report pairs; the ECG global embeddings (data.py, cached) and the reports' global text
 embeddings, tokenized as in pretraining (``ReportTokenizer`` with the json's sentence list), are
 compared by cosine. Recall@k (k = 1, 5, 10) in both directions is
 ``melp_scale.train.metrics.retrieval_recall``: a pair counts as found when fewer than k
@@ -21,11 +21,22 @@ from melp_scale.train.metrics import retrieval_recall
 
 
 def split_positions(refs: list[SampleRef], split: str) -> np.ndarray:
-    """Positions of the samples of the shard set's ``split`` ("train", "val" or "all")."""
-    if split not in ("train", "val", "all"):
-        raise ValueError(f"--split must be train, val or all for retrieval and caption, got {split!r}")
-    positions = np.asarray([i for i, ref in enumerate(refs) if split == "all" or ref.split == split],
-                           dtype=np.int64)
+    """Positions of the samples of ``split``: the shard set's "train" or "val", "all", or
+    "test" (PTB-XL's benchmark test fold, strat_fold 10, when the samples have folds, else the
+    shard set's val split)."""
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"--split must be train, val, test or all for retrieval and caption, "
+                         f"got {split!r}")
+    if split == "test":
+        folds = [r.meta.get("strat_fold") for r in refs]
+        if any(f is not None for f in folds):
+            keep = [i for i, f in enumerate(folds) if f is not None and int(f) == 10]
+        else:
+            keep = [i for i, r in enumerate(refs) if r.split == "val"]
+        positions = np.asarray(keep, dtype=np.int64)
+    else:
+        positions = np.asarray([i for i, ref in enumerate(refs) if split == "all" or ref.split == split],
+                               dtype=np.int64)
     if positions.size == 0:
         raise ValueError(f"the shard set has no sample in split {split!r} (--split)")
     return positions

@@ -12,7 +12,7 @@ split CSVs; ``aliases`` are other column names a split CSV may use for the same 
 | cpsc2018 | challenge | dx, dx_abbrev | the 9 CPSC2018 classes (CPSC abbreviations and SNOMED codes) |
 | csn | challenge | dx | the 38 classes of the published CSN split (Chapman acronyms -> SNOMED codes) |
 | synthetic-rate | synthetic | rate | bradycardia / normal / tachycardia |
-| synthetic-rhythm / -voltage / -noise | synthetic | regular / low_voltage / noisy | two classes each |
+| synthetic-rhythm / -qrs / -voltage / -noise | synthetic | regular / wide_qrs / low_voltage / noisy | two classes each |
 
 CSN: the class list is fixed, not derived from the codes present, so that results are
 comparable across data subsets and a published split CSV's 38 columns match by name. Each
@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 PROMPT_DIR = os.path.join(os.path.dirname(__file__), "prompts")
@@ -90,6 +91,12 @@ class Task:
         return [table[name] for name in self.class_names]
 
 
+def normalise_name(name: str) -> str:
+    """A class or column name compared ignoring case, whitespace, underscores and hyphens
+    (PTB-XL's ``NST_`` equals a split file's ``NST``, ``I-AVB`` equals ``IAVB``)."""
+    return re.sub(r"[\s_\-]+", "", str(name)).lower()
+
+
 def _codes(*names: str) -> tuple[TaskClass, ...]:
     """Classes whose json label value is their own name (PTB-XL codes)."""
     return tuple(TaskClass(name, (name,)) for name in names)
@@ -111,32 +118,44 @@ PTBXL_RHYTHM = _codes("SR", "AFIB", "STACH", "SARRH", "SBRAD", "PACE", "SVARR", 
 # CPSC2018: CPSC abbreviations (Challenge 2020 headers), SNOMED codes (Challenge 2021 headers,
 # with the scoring's equivalent codes), and the column names of the published ICBEB split.
 CPSC2018 = (
-    TaskClass("NORM", ("Normal", "426783006"), ("Normal", "SNR")),
+    TaskClass("NORM", ("Normal", "426783006"), ("Normal", "SNR", "NSR", "SR")),
     TaskClass("AF", ("AF", "164889003"), ("AFIB",)),
-    TaskClass("I-AVB", ("I-AVB", "270492004"), ("1AVB", "IAVB")),
+    TaskClass("I-AVB", ("I-AVB", "270492004"), ("1AVB", "1dAVb")),
     TaskClass("LBBB", ("LBBB", "164909002", "733534002"), ("CLBBB",)),
     TaskClass("RBBB", ("RBBB", "59118001", "713427006"), ("CRBBB",)),
-    TaskClass("PAC", ("PAC", "284470004", "63593006"), ("SVPB", "APB")),
+    TaskClass("PAC", ("PAC", "284470004", "63593006"), ("SVPB", "APB", "APC")),
     TaskClass("PVC", ("PVC", "427172004", "17338001"), ("VPC", "VPB", "VEB")),
-    TaskClass("STD", ("STD", "429622005"), ()),
-    TaskClass("STE", ("STE", "164931005"), ()),
+    TaskClass("STD", ("STD", "429622005"), ("ST depression",)),
+    TaskClass("STE", ("STE", "164931005"), ("ST elevation",)),
 )
 
-# CSN: the 38 columns of the published split, Chapman acronyms -> SNOMED CT codes.
-CSN = tuple(TaskClass(name, codes) for name, codes in (
-    ("AQW", ("164917005",)), ("UW", ("164937009",)), ("SR", ("426783006",)),
-    ("WPW", ("74390002",)), ("2AVB", ("195042002",)), ("AT", ("713422000",)),
-    ("VB", ("11157007",)), ("ARS", ("47665007",)), ("STTC", ("55930002",)),
-    ("SA", ("427393009",)), ("STE", ("164931005", "164930006")), ("VPB", ("17338001", "427172004")),
-    ("TWO", ("59931005",)), ("STTU", ("428750005",)), ("ALS", ("39732003",)),
-    ("APB", ("284470004", "63593006")), ("2AVB1", ("54016002",)), ("PRIE", ("164947007",)),
-    ("CCR", ("251199001",)), ("CR", ("251198009",)), ("AF", ("164890007",)),
-    ("AVB", ("233917008",)), ("QTIE", ("111975006",)), ("LBBB", ("164909002",)),
-    ("VEB", ("75532003",)), ("SVT", ("426761007",)), ("RBBB", ("59118001",)),
-    ("1AVB", ("270492004",)), ("STDD", ("429622005",)), ("MI", ("164865005",)),
-    ("AFIB", ("164889003",)), ("TWC", ("164934002",)), ("PWC", ("164912004",)),
-    ("ERV", ("428417006",)), ("RVH", ("89792004",)), ("LVH", ("164873001",)),
-    ("ST", ("427084000",)), ("JEB", ("426995002",)),
+# CSN: the 38 columns of the published split (chapman_<split>.csv, in its column order),
+# Chapman acronyms -> SNOMED CT codes of the database's condition table, checked against the
+# PhysioNet/CinC Challenge 2021 scoring tables (dx_mapping_scored/unscored.csv: same codes,
+# other abbreviations, e.g. STE "ST extension" = 164930006 "st interval abnormal", STTU "ST
+# tilt up" = 164931005 "st elevation", STTC = 428750005 "nonspecific st t abnormality").
+# Second codes are the Challenge's equivalents (VPB 17338001 ~ PVC 427172004, APB 284470004
+# ~ SVPB 63593006).
+CSN = tuple(TaskClass(name, codes, aliases) for name, codes, aliases in (
+    ("AQW", ("164917005",), ("QAb",)), ("UW", ("164937009",), ("UAb",)),
+    ("SR", ("426783006",), ("NSR",)), ("WPW", ("74390002",), ()),
+    ("2AVB", ("195042002",), ("IIAVB",)), ("AT", ("713422000",), ("ATach",)),
+    ("VB", ("11157007",), ("VBig",)), ("ARS", ("47665007",), ("RAD",)),
+    ("STTC", ("428750005",), ("NSSTTA",)), ("SA", ("427393009",), ()),
+    ("STE", ("164930006",), ("STIAb",)), ("VPB", ("17338001", "427172004"), ()),
+    ("TWO", ("59931005",), ("TInv",)), ("STTU", ("164931005",), ()),
+    ("ALS", ("39732003",), ("LAD",)), ("APB", ("284470004", "63593006"), ()),
+    ("2AVB1", ("54016002",), ("MoI",)), ("PRIE", ("164947007",), ("LPR",)),
+    ("CCR", ("251199005",), ()), ("CR", ("251198002",), ()),
+    ("AF", ("164890007",), ("AFL",)), ("AVB", ("233917008",), ()),
+    ("QTIE", ("111975006",), ("LQT",)), ("LBBB", ("164909002",), ()),
+    ("VEB", ("75532003",), ("VEsB",)), ("SVT", ("426761007",), ()),
+    ("RBBB", ("59118001",), ()), ("1AVB", ("270492004",), ("IAVB",)),
+    ("STDD", ("429622005",), ()), ("MI", ("164865005",), ()),
+    ("AFIB", ("164889003",), ()), ("TWC", ("164934002",), ("TAb",)),
+    ("PWC", ("164912004",), ()), ("ERV", ("428417006",), ("ERe",)),
+    ("RVH", ("89792004",), ()), ("LVH", ("164873001",), ()),
+    ("ST", ("427084000",), ("STach",)), ("JEB", ("426995002",), ("JE",)),
 ))
 
 
@@ -157,6 +176,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
         TaskClass("tachycardia", ("tachy",)))),
     _synthetic("synthetic-rhythm", "Synth-Rhythm", "regular", (
         TaskClass("regular", ("True",)), TaskClass("irregular", ("False",)))),
+    _synthetic("synthetic-qrs", "Synth-QRS", "wide_qrs", (
+        TaskClass("wide qrs", ("True",)), TaskClass("narrow qrs", ("False",)))),
     _synthetic("synthetic-voltage", "Synth-Voltage", "low_voltage", (
         TaskClass("low voltage", ("True",)), TaskClass("normal voltage", ("False",)))),
     _synthetic("synthetic-noise", "Synth-Noise", "noisy", (

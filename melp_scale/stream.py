@@ -61,6 +61,9 @@ class StreamConfig:
     """Settings of the shard -> batch pipeline (one rank; the rank and world size are arguments)."""
 
     shard_dir: str = "shards/demo"  # folder with manifest.json and the tar shards
+    shards: str | list[str] | None = None  # instead of shard_dir: URL(s) or brace pattern (melp_scale.remote)
+    sources: list[dict] | None = None  # weighted mix [{"shards": ..., "weight": w}, ...] (melp_scale.mixing)
+    exclude: str | None = None  # exclusion list of `python -m melp_scale.shard dedupe`: samples left out
     split: str = "train"  # which shards of the manifest to read ("train" or "val")
     batch_size: int = 64  # samples per batch on each rank
     num_workers: int = 2  # DataLoader worker processes per rank (0: read in the main process)
@@ -161,6 +164,12 @@ def batches_per_rank(num_samples: int, world_size: int, batch_size: int, drop_la
     return num_batches
 
 
+def epoch_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The epoch's shard order (module docstring, step 1)."""
+    return (np.random.default_rng([seed, epoch]).permutation(num_shards) if shuffle
+            else np.arange(num_shards))
+
+
 def rank_plan(sizes: tuple[int, ...], *, seed: int, epoch: int, rank: int, world_size: int,
               batch_size: int, drop_last: bool, shuffle: bool, shuffle_window: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -171,8 +180,7 @@ def rank_plan(sizes: tuple[int, ...], *, seed: int, epoch: int, rank: int, world
     sizes_arr = np.asarray(sizes, dtype=np.int64)
     total = int(sizes_arr.sum())
     per_rank = batches_per_rank(total, world_size, batch_size, drop_last) * batch_size
-    order = (np.random.default_rng([seed, epoch]).permutation(len(sizes_arr)) if shuffle
-             else np.arange(len(sizes_arr)))
+    order = epoch_order(len(sizes_arr), seed, epoch, shuffle)
     ends = np.cumsum(sizes_arr[order])
     slots = np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64)
     flat, is_repeat = slots % total, slots >= total
@@ -452,7 +460,10 @@ class StreamLoader:
         # tokenizers' own thread pool deadlocks in forked workers; workers parallelise instead
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.config, self.rank, self.world_size = config, rank, world_size
-        self.shards = load_shard_set(config.shard_dir, config.split, config.verify, rank, world_size)
+        from melp_scale.remote import open_shard_set  # URLs, mixes, exclusions; local folders as here
+        self.shards = open_shard_set(config, rank, world_size)
+        self.source_names: tuple[str, ...] = getattr(self.shards, "source_names", ("shards",))
+        self.source_counts = np.zeros(len(self.source_names), np.int64)  # samples per source
         self.tokenizer = tokenizer or ReportTokenizer(config.text_model, config.max_text_length)
         self.num_batches = batches_per_rank(self.shards.num_samples, world_size, config.batch_size,
                                             config.drop_last)
@@ -475,9 +486,9 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         c = self.config
-        dataset = ShardStream(self.shards, c, self.tokenizer, epoch=self.epoch,
-                              start_batch=self.batches_consumed, rank=self.rank,
-                              world_size=self.world_size)
+        dataset = getattr(self.shards, "stream_class", ShardStream)(
+            self.shards, c, self.tokenizer, epoch=self.epoch, start_batch=self.batches_consumed,
+            rank=self.rank, world_size=self.world_size)
         workers = min(c.num_workers, self.num_batches - self.batches_consumed)
         # A private generator: DataLoader otherwise draws its workers' base seed from the
         # global torch RNG, which would shift the model's dropout stream on a resume.
@@ -488,6 +499,9 @@ class StreamLoader:
                             worker_init_fn=_ignore_stop_signals if workers > 0 else None)
         for batch in loader:
             bad_keys = batch.pop("bad_keys")
+            sources = batch.pop("source_index", None)  # melp_scale.mixing: samples per source
+            if sources is not None:
+                self.source_counts += np.bincount(sources.numpy(), minlength=len(self.source_counts))
             if bad_keys:
                 self.num_bad_samples += len(bad_keys)
                 log.warning("rank %d: skipped %d bad sample(s) (%s); %d so far", self.rank,
@@ -495,6 +509,12 @@ class StreamLoader:
             self.batches_consumed += 1
             yield batch
         self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+    def take_source_counts(self) -> dict[str, int]:
+        """Samples per source (``source_samples/<name>``) since the last call (melp_scale.mixing)."""
+        counts = {f"source_samples/{n}": int(c) for n, c in zip(self.source_names, self.source_counts)}
+        self.source_counts[:] = 0
+        return counts
 
     def state_dict(self) -> dict[str, Any]:
         """The position: epoch and batches consumed in it, plus what must match on resume."""

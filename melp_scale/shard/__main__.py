@@ -1,4 +1,4 @@
-"""Command line: ``python -m melp_scale.shard {build,verify,inspect}``."""
+"""Command line: ``python -m melp_scale.shard {build,verify,inspect,dedupe}``."""
 from __future__ import annotations
 
 import argparse
@@ -50,7 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("dir")
     inspect.add_argument("--plot", metavar="KEY", help="sample key to draw as a 12-lead chart")
     inspect.add_argument("--to", default="sample.png", help="PNG path for --plot")
+    dedupe = commands.add_parser("dedupe", help="find records present in two shard sets "
+                                 "(melp_scale.shard.dedupe) and write an exclusion list")
+    dedupe.add_argument("sets", nargs="+", help="shard sets (folders or URLs); earlier ones keep their copy")
+    dedupe.add_argument("--exclude-eval", nargs="*", default=[], metavar="EVAL_SHARDS",
+                        help="evaluation shard sets: every training record matching one is excluded")
+    dedupe.add_argument("--out", default="exclusions.json", help="the exclusion list to write")
     return parser
+
+
+def _dedupe(args: argparse.Namespace) -> int:
+    from melp_scale.shard.dedupe import run_dedupe
+
+    print(run_dedupe(args.sets, args.exclude_eval, args.out))
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -113,7 +126,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"build": _build, "verify": _verify, "inspect": _inspect}[args.command](args)
+        return {"build": _build, "verify": _verify, "inspect": _inspect,
+                "dedupe": _dedupe}[args.command](args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

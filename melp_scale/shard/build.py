@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from melp_scale import __version__
+from melp_scale.shard.dedupe import HASH_VERSION, duplicate_counts
 from melp_scale.shard.format import make_key, sha256_file, write_shard
 from melp_scale.shard.preprocess import SignalConfig, preprocess_signal
 from melp_scale.shard.record import LEADS, RecordRef, Sample, SkipRecord
@@ -71,6 +72,7 @@ class BuildConfig:
         return {"source": self.source, "signal": dataclasses.asdict(self.signal),
                 "num_samples": self.signal.num_samples, "leads": list(LEADS),
                 "min_words": self.effective_min_words, "shard_size": self.shard_size,
+                "signal_hash": HASH_VERSION,
                 "source_options": options}
 
 
@@ -167,6 +169,8 @@ def build_shard(plan: ShardPlan, config: BuildConfig, path: str) -> dict[str, An
             skipped.append((ref.record_id, "error", f"{type(error).__name__}: {error}"))
     entry = write_shard(path, samples)
     entry["split"] = plan.split
+    entry["samples"] = [[s.key, s.meta["record_id"], s.meta["flags"]["signal_hash"],
+                         s.meta["flags"]["near_hash"]] for s in samples]  # melp_scale.shard.dedupe
     return {"entry": entry, "records": len(plan.refs), "kept_records": len(plan.refs) - len(skipped),
             "skipped": skipped}
 
@@ -268,6 +272,7 @@ def _manifest(config: BuildConfig, settings: dict, plans: list[ShardPlan], resul
         "counts": {"listed": len(listing_skips) + sum(len(v) for v in splits.values()),
                    "kept_records": sum(r["kept_records"] for r in results.values()),
                    "samples": {"train": samples["train"], "val": samples["val"]},
-                   "skipped": dict(sorted(collections.Counter(s[1] for s in skipped).items()))},
+                   "skipped": dict(sorted(collections.Counter(s[1] for s in skipped).items())),
+                   "duplicate_signals": duplicate_counts(shards, config.out)},
         "skipped_records": [{"record_id": s[0], "reason": s[1], "detail": s[2]} for s in skipped],
     }

@@ -14,6 +14,7 @@ from fractions import Fraction
 import numpy as np
 from scipy.signal import resample_poly
 
+from melp_scale.shard.dedupe import signal_hashes
 from melp_scale.shard.record import LEADS, RawSignal, SkipRecord
 
 _LEAD_INDEX = {name.lower(): i for i, name in enumerate(LEADS)}
@@ -133,6 +134,7 @@ def preprocess_signal(raw: RawSignal, config: SignalConfig) -> list[tuple[np.nda
             raise SkipRecord("nan", f"{num_nonfinite} NaN/Inf or invalid samples")
         _repair_nan(signal)
     signal = resample(signal, raw.fs, config.fs)
+    hashes = signal_hashes(signal, config.fs, config.gain, config.num_samples)  # before windowing
     out = []
     pieces = windows(signal, config)
     for number, (window, pad) in enumerate(pieces):
@@ -142,7 +144,7 @@ def preprocess_signal(raw: RawSignal, config: SignalConfig) -> list[tuple[np.nda
         flags = {"window": number, "num_windows": len(pieces), "pad_samples": pad,
                  "padded": pad > 0, "missing_leads": missing, "flat_leads": flat,
                  "nan_repaired": num_nonfinite, "source_fs": float(raw.fs),
-                 "source_samples": int(raw.signal.shape[0])}
+                 "source_samples": int(raw.signal.shape[0]), **hashes}
         out.append((quantize(window, config.gain), flags))
     return out
 

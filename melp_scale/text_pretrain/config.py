@@ -61,7 +61,7 @@ class CorpusConfig:
 
     shards: list[str] = dataclasses.field(default_factory=list)  # shard folders: their train split's reports
     exclude: list[str] = dataclasses.field(default_factory=list)  # record ids or sample keys never used
-    exclude_file: str | None = None  # a file of more such ids, one per line
+    exclude_file: str | None = None  # a file of more such ids, one per line, or a dedupe list (.json)
     texts: list[str] = dataclasses.field(default_factory=list)  # .txt / .jsonl files (a document a line) or folders of .txt (a document a file)
     jsonl_field: str = "text"  # the field holding a JSONL line's document
     sample_corpus: bool = False  # include the cardiology sample shipped in melp_scale/assets/

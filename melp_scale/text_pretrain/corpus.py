@@ -103,6 +103,10 @@ def text_documents(path: str, jsonl_field: str) -> Iterator[str]:
 def read_exclusions(config: CorpusConfig) -> set[str]:
     """``corpus.exclude`` plus the lines of ``corpus.exclude_file``."""
     exclude = {str(e) for e in config.exclude}
+    if config.exclude_file and config.exclude_file.endswith(".json"):  # a dedupe exclusion list
+        from melp_scale.shard.dedupe import excluded_keys
+
+        return exclude | excluded_keys(config.exclude_file)
     if config.exclude_file:
         if not os.path.isfile(config.exclude_file):
             raise ValueError(f"corpus.exclude_file {config.exclude_file!r} does not exist")

@@ -31,15 +31,15 @@ class Listing:
 
 
 def _registry() -> dict[str, Callable[[str | None, SourceOptions], Listing]]:
-    from melp_scale.shard.sources import challenge, mimic, ptbxl, synthetic, wfdb_dir
+    from melp_scale.shard.sources import challenge, code15, mimic, ptbxl, synthetic, wfdb_dir
 
     return {"mimic-iv-ecg": mimic.list_records, "ptbxl": ptbxl.list_records,
             "challenge": challenge.list_records, "wfdb-dir": wfdb_dir.list_records,
-            "synthetic": synthetic.list_records}
+            "synthetic": synthetic.list_records, "code15": code15.list_records}
 
 
-SOURCE_NAMES = ("mimic-iv-ecg", "ptbxl", "challenge", "wfdb-dir", "synthetic")
-NEEDS_ROOT = {"mimic-iv-ecg", "ptbxl", "challenge", "wfdb-dir"}
+SOURCE_NAMES = ("mimic-iv-ecg", "ptbxl", "challenge", "wfdb-dir", "synthetic", "code15")
+NEEDS_ROOT = {"mimic-iv-ecg", "ptbxl", "challenge", "wfdb-dir", "code15"}
 
 
 def list_source(source: str, root: str | None, options: SourceOptions) -> Listing:

@@ -1,0 +1,173 @@
+"""The logit-scale clamp reaches ZeRO-2's fp32 master copy: two gloo ranks train a toy task
+through the real Trainer whose loss drives a log scale up against ln 100, then down.
+
+Reference: what the official recipe does, a plain ``torch.optim.AdamW`` step followed by a
+clamp of the stored value, on one process in float64. The master copy (gathered from the ZeRO
+partitions with DeepSpeed's ``safe_get_full_fp32_param``) must follow it step by step: never
+above ln 100, and back down as soon as Adam's momentum turns. A control scale clamped only in
+the model copy (the old behaviour) shows the master running away and the scale stuck at the
+ceiling, so the test can tell the two apart. Both scales train side by side in one run (same
+gradient), one of them clamped through the Trainer, the other in the model copy only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import socket
+from typing import Any
+
+import pytest
+import torch
+
+from melp_scale.train.config import OptimConfig, RunConfig
+from melp_scale.train.task import StepOutput, Task
+from tests.test_train_nonfinite import ListLoader, ToyConfig
+
+CEILING = math.log(100.0)
+START = math.log(1 / 0.07)
+UP, DOWN = 10, 14  # steps pushing the scale up, then down
+LR = 0.5
+
+
+class ScaleModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.logit_scale = torch.nn.Parameter(torch.tensor([START]))
+        self.control_scale = torch.nn.Parameter(torch.tensor([START]))  # the old clamp
+
+    def forward(self, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        scales = self.logit_scale[0] + self.control_scale[0]
+        return self.linear(x).pow(2).mean() - direction * scales
+
+
+class ScaleTask(Task):
+    """Loss ``|linear(x)|^2 - direction * (logit_scale + control_scale)``: d loss / d scale =
+    -direction for both scales."""
+
+    name = "toy"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.values: dict[str, list[float]] = {"master": [], "model": [], "control_master": [],
+                                               "control_model": []}
+
+    def model_config(self) -> dict[str, Any]:
+        return {"toy": 1}
+
+    def build_model(self, placement):
+        return ScaleModel()
+
+    def build_loaders(self, placement, micro_batch):
+        def batch(direction: float) -> dict[str, Any]:
+            return {"x": torch.randn(micro_batch, 4), "direction": torch.tensor(direction)}
+
+        return ListLoader([batch(1.0)] * UP + [batch(-1.0)] * DOWN), None
+
+    def forward(self, engine, batch):
+        loss = engine(batch["x"], batch["direction"])
+        return StepOutput(loss=loss, scalars={"loss": loss.detach()})
+
+    def clamped_parameters(self, model):
+        return [(model.logit_scale, 0.0, CEILING)]
+
+    def after_step(self, model):
+        from melp_scale.train.engine import master_copy
+
+        with torch.no_grad():  # the old behaviour: the model copy only
+            model.control_scale.clamp_(0.0, CEILING)
+        for prefix, parameter in (("", model.logit_scale), ("control_", model.control_scale)):
+            self.values[f"{prefix}master"].append(master_copy(parameter).item())  # collective
+            self.values[f"{prefix}model"].append(parameter.item())
+
+    def validate(self, engine, loader, placement):
+        return {}
+
+    def export(self, model, path):
+        pass
+
+
+def _worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    from melp_scale.train.loop import Trainer
+
+    ds_config = os.path.join(folder, "ds.json")
+    config = ToyConfig(OptimConfig(warmup_steps=0, min_lr_ratio=1.0, epochs=1, seed=0),
+                       RunConfig(out=os.path.join(folder, "run"), checkpoint_every=1000,
+                                 log_every=1000, validate=False, telemetry=False))
+    task = ScaleTask(config)
+    trainer = Trainer(task, ds_config)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump(task.values, handle)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_ranks(folder: str) -> list[dict[str, list[float]]]:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ds.json"), "w") as handle:
+        json.dump({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+                   "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default
+                   "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.95],
+                                                             "weight_decay": 0.2}}}, handle)
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    workers = [context.Process(target=_worker, args=(rank, port, folder))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    assert [w.exitcode for w in workers] == [0, 0], [w.exitcode for w in workers]
+    results = []
+    for rank in range(2):
+        with open(os.path.join(folder, f"rank{rank}.json")) as handle:
+            results.append(json.load(handle))
+    return results
+
+
+def reference_trajectory() -> list[float]:
+    """The official semantics: AdamW on the stored value, then clamp it, each step (float64)."""
+    scale = torch.nn.Parameter(torch.tensor([START], dtype=torch.float64))
+    optimizer = torch.optim.AdamW([scale], lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    values = []
+    for direction in [1.0] * UP + [-1.0] * DOWN:
+        optimizer.zero_grad()
+        (-direction * scale[0]).backward()
+        optimizer.step()
+        with torch.no_grad():
+            scale.clamp_(0.0, CEILING)
+        values.append(scale.item())
+    return values
+
+
+def test_zero2_master_copy_stays_clamped_and_comes_back_down(tmp_path):
+    reference = reference_trajectory()
+    assert max(reference) == pytest.approx(CEILING)  # the push reaches the ceiling
+    assert reference[-1] < CEILING - 1.0  # and the reversal brings it well below
+
+    ranks = run_two_ranks(str(tmp_path))
+    for result in ranks:
+        assert len(result["master"]) == UP + DOWN
+        assert max(result["master"]) <= CEILING + 1e-6
+        assert result["master"] == pytest.approx(reference, abs=1e-5)
+        assert result["model"] == pytest.approx(reference, abs=1e-5)
+        # control: clamping only the model copy lets the master run past ln 100 and the scale
+        # stays at the ceiling after the reversal (what the assertions above rule out)
+        assert max(result["control_master"]) > CEILING + 2.0
+        assert result["control_model"][-1] == pytest.approx(CEILING)
+    assert ranks[0] == ranks[1]

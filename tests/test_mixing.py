@@ -127,3 +127,22 @@ def test_mixed_remote_resume_exact(server, tokenizer):  # noqa: F811
                 rest += epoch_batches(resumed)
             assert len(seen) + len(rest) == len(expected)
             assert all(same_batch(x, y) for x, y in zip(seen + rest, expected)), (rank, stop)
+
+
+def test_trainer_reads_data_sources(tmp_path):
+    """``data.sources`` in a training config reaches the loader (train mixed, val each once)."""
+    import torch
+
+    from melp_scale.train.config import load_train_config
+    from melp_scale.train.melp_task import MELPTask
+    from melp_scale.train.task import Placement
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    make_shards(a, (10, 6), val_sizes=(3,))
+    make_shards(b, (8,), val_sizes=(2,))
+    config = load_train_config("demo", [f"data.sources=[{{shards: {a}, weight: 0.75}}, {{shards: {b}, weight: 0.25}}]",
+                                        "data.num_workers=0"])
+    train, val = MELPTask(config).build_loaders(Placement(0, 1, torch.device("cpu")), 4)
+    assert train.shards.epoch_counts().tolist() == [18, 6] and train.source_names == ("a", "b")
+    assert val is not None and val.shards.num_samples == 5

@@ -25,7 +25,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "conf
 class DataConfig:
     """Where the shards are and how the loader reads them (see ``melp_scale.stream``)."""
 
-    shards: str = "shards/demo"  # shard folder (manifest.json + tars)
+    shards: str = "shards/demo"  # shard folder (manifest.json + tars), or URL(s) (melp_scale.remote)
+    sources: list[dict] | None = None  # instead of shards: [{shards: ..., weight: 0.7}, ...] (melp_scale.mixing)
+    exclude: str | None = None  # exclusion list of `python -m melp_scale.shard dedupe`
     build_demo_if_missing: bool = True  # build the synthetic demo shards when ``shards`` is absent
     num_workers: int = 2  # DataLoader workers per rank
     lead_mask_p: float = 0.5  # random lead masking in training (METHOD.md §1)

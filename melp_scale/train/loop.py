@@ -220,6 +220,11 @@ class Trainer:
                   "skipped_steps": self.state.skipped_steps}
         for index, name in enumerate(names):
             record[name] = values[index].item() / count
+        sources = getattr(self.train_loader, "take_source_counts", dict)()  # melp_scale.mixing
+        if len(sources) > 1:  # samples per source in this window, all ranks
+            counts = torch.tensor(list(sources.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(counts)
+            record.update(zip(sources, (int(c) for c in counts.tolist())))
         record.update(self.telemetry.read())
         self.metrics.write(record)
 

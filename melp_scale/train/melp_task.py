@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from melp_scale.model import MELP
+from melp_scale.remote import is_url, read_manifest
 from melp_scale.stream import StreamConfig, StreamLoader
 from melp_scale.train.config import TrainConfig
 from melp_scale.train.metrics import retrieval_recall
@@ -37,7 +38,8 @@ class MELPTask(Task):
 
     def prepare_data(self, placement: Placement) -> None:
         data = self.config.data
-        if placement.rank != 0 or os.path.isfile(os.path.join(data.shards, "manifest.json")):
+        if (placement.rank != 0 or data.sources or is_url(data.shards)
+                or os.path.isfile(os.path.join(data.shards, "manifest.json"))):
             return
         if not data.build_demo_if_missing:
             raise ValueError(f"--shards {data.shards!r} has no manifest.json; build it with "
@@ -56,10 +58,14 @@ class MELPTask(Task):
     def build_loaders(self, placement: Placement, micro_batch: int
                       ) -> tuple[StreamLoader, StreamLoader | None]:
         data, text = self.config.data, self.melp_config.text
-        if not os.path.isfile(os.path.join(data.shards, "manifest.json")):
-            raise ValueError(f"--shards {data.shards!r} has no manifest.json")
+        sets = [s["shards"] for s in data.sources] if data.sources else [data.shards]
+        for spec in sets:
+            local = isinstance(spec, str) and not is_url(spec)
+            if local and not os.path.isfile(os.path.join(spec, "manifest.json")):
+                raise ValueError(f"--shards {spec!r} has no manifest.json")
         stream = StreamConfig(
-            shard_dir=data.shards, split="train", batch_size=micro_batch,
+            shard_dir=data.shards, sources=data.sources, exclude=data.exclude, split="train",
+            batch_size=micro_batch,
             num_workers=data.num_workers, seed=self.config.optim.seed,
             shuffle_window=data.shuffle_window, normalize=data.normalize,
             lead_mask_p=data.lead_mask_p, text_model=text.name_or_path,
@@ -67,7 +73,7 @@ class MELPTask(Task):
             pin_memory=placement.device.type == "cuda")
         train = StreamLoader(stream, placement.rank, placement.world_size)
         val = None
-        if _has_split(data.shards, "val"):
+        if all(_has_split(spec, "val") for spec in sets):
             val = StreamLoader(stream.for_validation(), placement.rank, placement.world_size,
                                tokenizer=train.tokenizer)
         return train, val
@@ -109,15 +115,20 @@ class MELPTask(Task):
 
         model.save_pretrained(path)
         # what the model saw (shard sets, manifest hashes, subjects): evaluation refuses those rows
-        write_training_data(path, [self.config.data.shards])
+        data = self.config.data
+        sets = [s["shards"] for s in data.sources] if data.sources else [data.shards]
+        local = [s for s in sets if isinstance(s, str) and not is_url(s)]
+        if len(local) < len(sets):
+            log.warning("training_data.json records local shard sets only; not the streamed %s",
+                        [s for s in sets if s not in local])
+        write_training_data(path, local)
 
 
 def _group() -> Any:
     return dist.group.WORLD if dist.get_world_size() > 1 else None
 
 
-def _has_split(shards: str, split: str) -> bool:
-    with open(os.path.join(shards, "manifest.json"), encoding="utf-8") as handle:
-        manifest = json.load(handle)
+def _has_split(shards: str | list[str], split: str) -> bool:
+    manifest, _ = read_manifest(shards if isinstance(shards, str) else shards[0])
     return any(e["split"] == split and e["num_samples"] > 0 for e in manifest["shards"])
 

@@ -6,7 +6,8 @@ The pretraining export (``runs/<name>/export``) holds ``training_data.json``, wr
 - per shard set: its folder's name, the sha256 of its ``manifest.json``, the sha256 of every
   shard of each split, the manifest's split rule (by subject, val share, seed) and counts;
 - the subjects (patients) of each split as salted, truncated sha256 keys of
-  ``source:subject`` (16 hex digits; a per-file random salt, so no raw patient id is written
+  ``namespace:subject`` (the namespace is the source; for synthetic shards the source and
+  the simulation seed) (16 hex digits; a per-file random salt, so no raw patient id is written
   and keys of two exports cannot be joined). This is not anonymisation: ids such as MIMIC's
   are enumerable; it only keeps them out of plain text.
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 FILE_NAME = "training_data.json"
 FORMAT = "melp-scale-training-data"
 KEY_HEX = 16  # hex digits kept of each subject's sha256
+_SUBJECTS: dict[tuple[str, str], dict[str, set[tuple[str, str]]]] = {}  # (folder, manifest sha256)
 
 
 def sha256_file(path: str) -> str:
@@ -49,6 +51,15 @@ def subject_key(salt: str, source: Any, subject: Any) -> str:
     return hashlib.sha256(text).hexdigest()[:KEY_HEX]
 
 
+def subject_namespace(settings: dict[str, Any]) -> str:
+    """What a subject id is unique within: the source; for synthetic shards the source and
+    the simulation seed (every seed numbers its simulated people from 00000)."""
+    source = str(settings.get("source"))
+    if source == "synthetic":
+        return f"synthetic-seed{settings.get('source_options', {}).get('seed')}"
+    return source
+
+
 def _manifest(directory: str) -> tuple[dict[str, Any], str]:
     path = os.path.join(directory, "manifest.json")
     if not os.path.isfile(path):
@@ -59,9 +70,10 @@ def _manifest(directory: str) -> tuple[dict[str, Any], str]:
 
 
 def shard_subjects(directory: str, manifest: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:
-    """``(source, subject)`` pairs of each split, read from the samples' json members."""
+    """``(namespace, subject)`` pairs of each split, read from the samples' json members."""
     from melp_scale.stream import ShardReader
 
+    namespace = subject_namespace(manifest.get("settings", {}))
     out: dict[str, set[tuple[str, str]]] = {}
     entries = [e for e in manifest["shards"] if e.get("num_samples", 0) > 0]
     for entry in tqdm(entries, desc=f"subjects of {os.path.basename(os.path.abspath(directory))}",
@@ -73,7 +85,7 @@ def shard_subjects(directory: str, manifest: dict[str, Any]) -> dict[str, set[tu
                 offset, size = members["json"]
                 meta = json.loads(os.pread(reader.fd, size, offset))
                 subject = meta.get("subject", meta.get("record_id", key))
-                out.setdefault(entry["split"], set()).add((str(meta.get("source")), str(subject)))
+                out.setdefault(entry["split"], set()).add((namespace, str(subject)))
         finally:
             reader.close()
     return out
@@ -82,7 +94,10 @@ def shard_subjects(directory: str, manifest: dict[str, Any]) -> dict[str, set[tu
 def shard_set_record(directory: str, salt: str) -> dict[str, Any]:
     """One shard set's entry of ``training_data.json``."""
     manifest, digest = _manifest(directory)
-    subjects = shard_subjects(directory, manifest)
+    cache_key = (os.path.abspath(directory), digest)  # export-best re-exports: read shards once
+    if cache_key not in _SUBJECTS:
+        _SUBJECTS[cache_key] = shard_subjects(directory, manifest)
+    subjects = _SUBJECTS[cache_key]
     shards: dict[str, list[str]] = {}
     for entry in manifest["shards"]:
         shards.setdefault(entry["split"], []).append(entry["sha256"])
@@ -134,6 +149,7 @@ class PretrainingCheck:
     shard_sets: list[str]  # names of the pretraining shard sets
     same_shard_set: list[str]  # pretraining shard sets that share the manifest or a shard file
     salt: str = ""
+    namespace: str = ""  # subject namespace of the evaluated shard set (subject_namespace)
     trained: frozenset = frozenset()  # subject keys of the trained-on splits
     validated: frozenset = frozenset()  # subject keys of the other (validation) splits
 
@@ -153,11 +169,12 @@ class PretrainingCheck:
             for split, keys in entry["subjects"].items():
                 (trained if split in trained_splits else validated).update(keys)
         return cls(True, [e["name"] for e in record["shard_sets"]], same,
-                   record["subject_key"]["salt"], frozenset(trained), frozenset(validated))
+                   record["subject_key"]["salt"], subject_namespace(manifest.get("settings", {})),
+                   frozenset(trained), frozenset(validated))
 
     def seen(self, metas: list[dict[str, Any]]) -> dict[str, Any]:
         """Subjects of the samples ``metas`` and how many were in pretraining."""
-        subjects = {(str(m.get("source")), str(m.get("subject", m.get("record_id")))) for m in metas}
+        subjects = {(self.namespace, str(m.get("subject", m.get("record_id")))) for m in metas}
         if not self.known:
             return {"num_subjects": len(subjects), "seen_in_pretraining": "unknown"}
         keys = {subject_key(self.salt, *pair) for pair in subjects}

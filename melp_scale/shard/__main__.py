@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--exclude", help="file of record ids (one per line) to leave out")
     build.add_argument("--shard-size", type=int, help="records per shard (default 1000; synthetic 64)")
     build.add_argument("--min-words", type=int, help="minimum report words (default 4 for text sources)")
+    build.add_argument("--allow-foreign-out", action="store_true",
+                       help="build into an --out that holds files the builder did not write")
     signal = build.add_argument_group("signal")
     defaults = SignalConfig()
     signal.add_argument("--fs", type=int, default=defaults.fs, help="target sampling rate (Hz)")
@@ -73,6 +75,7 @@ def _build(args: argparse.Namespace) -> int:
         source=args.source, root=args.root, out=args.out, val_fraction=(args.val_fraction if args.val_fraction is not None
                                          else SOURCE_VAL_FRACTION.get(args.source, 0.02)),
         seed=args.seed, exclude=args.exclude, workers=args.workers, min_words=args.min_words,
+        allow_foreign_out=args.allow_foreign_out,
         shard_size=args.shard_size or SOURCE_SHARD_SIZE.get(args.source, 1000),
         signal=SignalConfig(fs=args.fs, seconds=args.seconds, all_windows=args.all_windows,
                             gain=args.gain, on_short=args.on_short, on_nan=args.on_nan,
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                 "dedupe": _dedupe}[args.command](args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a read-only or full disk, a path through a file, ...
+        print(f"error: cannot read or write {error.filename or ''}: {error.strerror or error}",
+              file=sys.stderr)
         return 2
 
 

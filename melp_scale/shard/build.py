@@ -6,19 +6,28 @@ with fixed tar headers, so the bytes do not depend on ``--workers``. Resume: eve
 shard leaves ``.build/<shard>.json`` (its manifest entry, skip counts and a fingerprint of its
 plan); a re-run with the same arguments keeps shards whose file still matches that sha256 and
 builds the rest. ``manifest.json`` is written last, atomically.
+
+Ownership: ``--out`` must be new, empty or a shard set this builder wrote (files of any other
+name are refused unless ``allow_foreign_out``), and one build at a time holds ``--out/.lock``
+(an ``flock``, released by the kernel when its process dies, so a crashed build never leaves a
+stale lock). Temporary files carry the writer's pid; leftovers of a crashed build are removed.
+Sample keys are unique per build: two records whose ids map to one key stop the build.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +43,9 @@ FORMAT_NAME = "melp-scale-shards"
 FORMAT_VERSION = 1
 # Sources whose text is free-form pretraining text: METHOD.md §1 keeps reports of >= 4 words.
 DEFAULT_MIN_WORDS = {"mimic-iv-ecg": 4, "ptbxl": 4, "synthetic": 4}
+LOCK_NAME = ".lock"
+# Everything a build writes into --out (temporaries: NAME.tmp or NAME.<pid>.tmp).
+_OURS = re.compile(r"^(manifest\.json|\.build|\.lock|(train|val)-\d{6}\.tar)(\.\d+)?(\.tmp)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +60,7 @@ class BuildConfig:
     exclude: str | None = None  # file of record ids (one per line) never to include
     shard_size: int = 1000  # records per shard (a shard may hold fewer after skips)
     workers: int = 1  # worker processes
+    allow_foreign_out: bool = False  # build into an --out that holds files the builder did not write
     min_words: int | None = None  # drop reports with fewer words; None: the source's default
     signal: SignalConfig = dataclasses.field(default_factory=SignalConfig)
     options: SourceOptions = dataclasses.field(default_factory=SourceOptions)
@@ -109,7 +122,24 @@ def _filter(listing: Listing, config: BuildConfig) -> tuple[list[RecordRef], lis
                             f"{len(ref.report.split())} words < {config.effective_min_words}"))
         else:
             kept.append(ref)
+    _check_unique_keys(kept, config.source, config.signal.all_windows)
     return kept, skipped
+
+
+def _check_unique_keys(refs: list[RecordRef], source: str, all_windows: bool) -> None:
+    """ValueError naming both records when two would share a sample key (windows included)."""
+    owners: dict[str, str] = {}
+    for ref in refs:
+        key = make_key(source, ref.record_id)
+        if key in owners:
+            raise ValueError(f"records {owners[key]!r} and {ref.record_id!r} both map to sample "
+                             f"key {key!r}: rename one of them")
+        owners[key] = ref.record_id
+    for key, record_id in owners.items() if all_windows else ():
+        stem, marker, number = key.rpartition("_w")
+        if marker and number.isdigit() and stem in owners:
+            raise ValueError(f"record {record_id!r} has the sample key {key!r} of window {number} "
+                             f"of record {owners[stem]!r} (--all-windows): rename one of them")
 
 
 def split_by_subject(refs: list[RecordRef], val_fraction: float, seed: int) -> dict[str, list]:
@@ -188,7 +218,7 @@ def _state_path(out: str, name: str) -> str:
 
 
 def _write_json_atomic(path: str, payload: Any) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=1, sort_keys=True)
         handle.flush()
@@ -211,8 +241,55 @@ def _finished(out: str, plan: ShardPlan, fingerprint: str) -> dict[str, Any] | N
     return result
 
 
+def _check_out(out: str, allow_foreign: bool) -> None:
+    """ValueError when ``out`` holds files this builder did not write (unless allowed)."""
+    if not os.path.isdir(out) or allow_foreign:
+        return
+    foreign = sorted(name for name in os.listdir(out) if not _OURS.match(name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(f"--out {out!r} holds files this builder did not write ({shown}): "
+                         f"choose a new or empty folder, or pass --allow-foreign-out")
+
+
+@contextlib.contextmanager
+def _out_lock(out: str) -> Iterator[None]:
+    """Hold ``out/.lock`` for the build; ValueError at once when another build holds it."""
+    path = os.path.join(out, LOCK_NAME)
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"--out {out!r} is being written by another build (pid {holder}, "
+                             f"lock {path}): wait for it to finish or choose another --out") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        _remove_temporaries(out)
+        yield
+    finally:
+        os.close(handle)
+
+
+def _remove_temporaries(out: str) -> None:
+    """Temporary files of builds that were killed (only the lock holder may call this)."""
+    for folder in (out, os.path.join(out, ".build")):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(folder, name))
+
+
 def run_build(config: BuildConfig) -> dict[str, Any]:
     """Build (or finish) the shard set described by ``config``; return the manifest."""
+    _check_out(config.out, config.allow_foreign_out)
+    os.makedirs(os.path.join(config.out, ".build"), exist_ok=True)
+    with _out_lock(config.out):
+        return _build_locked(config)
+
+
+def _build_locked(config: BuildConfig) -> dict[str, Any]:
     start = time.time()
     listing = list_source(config.source, config.root, config.options)
     refs, listing_skips = _filter(listing, config)
@@ -221,7 +298,6 @@ def run_build(config: BuildConfig) -> dict[str, Any]:
                          f"({len(listing_skips)} skipped)")
     splits = split_by_subject(refs, config.val_fraction, config.seed)
     plans = make_plans(splits, config.shard_size)
-    os.makedirs(os.path.join(config.out, ".build"), exist_ok=True)
     settings = config.settings()
     results: dict[str, dict[str, Any]] = {}
     todo = []

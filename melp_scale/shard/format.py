@@ -29,8 +29,17 @@ _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def make_key(source: str, record_id: str) -> str:
-    """``<source>_<record_id>`` with every character WebDataset would misread replaced by '-'."""
-    return _KEY_UNSAFE.sub("-", f"{source}_{record_id}")
+    """``<source>_<record_id>`` with every character WebDataset would misread replaced by '-'.
+
+    When that replacement changes the id, ``-`` and the first 8 hex digits of the id's sha256
+    are appended, so two ids that differ only in such characters (``a/b``, ``a.b``) never share
+    a key.
+    """
+    raw = f"{source}_{record_id}"
+    key = _KEY_UNSAFE.sub("-", raw)
+    if key != raw:
+        key += "-" + hashlib.sha256(record_id.encode()).hexdigest()[:8]
+    return key
 
 
 def encode_npy(array: np.ndarray) -> bytes:
@@ -67,7 +76,7 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
 
 def write_shard(path: str, samples: Iterable[Sample]) -> dict[str, Any]:
     """Write ``samples`` to the tar ``path`` atomically; return its manifest entry."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: never two writers of one temporary file
     count = 0
     with open(tmp, "wb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:

@@ -42,8 +42,11 @@ class SignalConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
-        if self.fs <= 0 or self.seconds <= 0 or self.gain <= 0:
-            raise ValueError("--fs, --seconds and --gain must be positive")
+        if not 25 <= self.fs <= 10_000:
+            raise ValueError(f"--fs must be between 25 and 10000 Hz, got {self.fs}")
+        for name in ("seconds", "gain"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"--{name} must be a positive finite number, got {getattr(self, name)}")
 
     @property
     def num_samples(self) -> int:

@@ -2,6 +2,9 @@
 
 A source is a function ``list_records(root, options) -> Listing``; records it cannot use at
 listing time (a CSV row with no report, ...) are returned as skips with a reason.
+
+Nothing is read outside ``--root``: a listed header or signal file whose real path (symlinks
+and ``..`` resolved) lies outside it is skipped as ``outside_root`` before it is opened.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from melp_scale.shard.record import RecordRef
+from melp_scale.shard.record import RecordRef, SkipRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,3 +70,17 @@ def require_file(root: str, name: str) -> str:
     if not os.path.isfile(path):
         raise ValueError(f"--root {root!r} has no {name}: is it the right dataset folder?")
     return path
+
+
+def inside_root(root: str, path: str) -> bool:
+    """Whether ``path`` resolves (symlinks and '..' followed) to ``root`` or below it."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def require_inside(root: str, path: str) -> None:
+    """``SkipRecord("outside_root")`` unless ``path`` resolves inside ``root`` (checked before
+    any read)."""
+    if not inside_root(root, path):
+        raise SkipRecord("outside_root", f"{path} resolves to {os.path.realpath(path)}, "
+                         f"outside --root {root}")

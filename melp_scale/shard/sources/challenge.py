@@ -14,7 +14,7 @@ import os
 import pandas as pd
 
 from melp_scale.shard.record import RecordRef, SkipRecord
-from melp_scale.shard.sources import Listing, SourceOptions, find_headers
+from melp_scale.shard.sources import Listing, SourceOptions, find_headers, require_inside
 from melp_scale.shard.sources.wfdb_io import load_challenge, parse_header
 
 # The nine CPSC2018 classes (China Physiological Signal Challenge 2018 description).
@@ -48,6 +48,7 @@ def list_records(root: str, options: SourceOptions) -> Listing:
     for path in find_headers(root):
         record_id = os.path.basename(path)
         try:
+            require_inside(root, path + ".hea")
             header = parse_header(path + ".hea")
         except SkipRecord as skip:
             skipped.append((record_id, skip.reason, skip.detail))
@@ -58,7 +59,7 @@ def list_records(root: str, options: SourceOptions) -> Listing:
         abbreviations = [mapping[c][1] if c in mapping else c for c in codes]
         refs.append(RecordRef(
             record_id=record_id, subject=record_id,
-            load=functools.partial(load_challenge, path),
+            load=functools.partial(load_challenge, path, root=root),
             labels={"dx": codes, "dx_names": names, "dx_abbrev": abbreviations},
             meta={"dataset_folder": os.path.relpath(os.path.dirname(path), root),
                   "age": comments.get("Age"), "sex": comments.get("Sex")}))

@@ -15,7 +15,7 @@ import pandas as pd
 
 from melp_scale.shard.preprocess import clean_report, split_free_text
 from melp_scale.shard.record import RecordRef
-from melp_scale.shard.sources import Listing, SourceOptions, require_file
+from melp_scale.shard.sources import Listing, SourceOptions, inside_root, require_file
 from melp_scale.shard.sources.wfdb_io import load_wfdb
 
 
@@ -56,9 +56,13 @@ def list_records(root: str, options: SourceOptions) -> Listing:
         labels = ptbxl_labels(scp_codes, statements)
         labels["scp_codes"] = {str(k): float(v) for k, v in scp_codes.items()}
         subject = str(int(row.patient_id)) if pd.notna(row.patient_id) else record_id
+        path = os.path.join(root, str(getattr(row, column)))
+        if not inside_root(root, path + ".hea"):
+            skipped.append((record_id, "outside_root", f"{column} resolves outside --root"))
+            continue
         refs.append(RecordRef(
             record_id=record_id, subject=subject,
-            load=functools.partial(load_wfdb, os.path.join(root, getattr(row, column))),
+            load=functools.partial(load_wfdb, path, root=root),
             report=report, sentences=sentences, labels=labels,
             meta={"strat_fold": int(row.strat_fold), "age": _number(row.age), "sex": _number(row.sex)}))
     return Listing(refs, skipped)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from melp_scale.shard.preprocess import clean_report, split_free_text
 from melp_scale.shard.record import RecordRef
-from melp_scale.shard.sources import Listing, SourceOptions, find_headers
+from melp_scale.shard.sources import Listing, SourceOptions, find_headers, inside_root
 from melp_scale.shard.sources.wfdb_io import load_wfdb
 
 
@@ -24,8 +24,16 @@ def _read_reports(path: str) -> dict[str, tuple[str, str | None]]:
     if not {"record", "report"} <= set(frame.columns):
         raise ValueError(f"--reports {path!r} needs columns 'record' and 'report'")
     subjects = frame["subject"] if "subject" in frame else [None] * len(frame)
-    return {str(r).strip(): (t if isinstance(t, str) else "", s)
-            for r, t, s in zip(frame["record"], frame["report"], subjects)}
+    reports, lines = {}, {}
+    for line, (record, text, subject) in enumerate(zip(frame["record"], frame["report"], subjects),
+                                                   start=2):
+        record = str(record).strip()
+        if record in lines:
+            raise ValueError(f"--reports {path!r}: record {record!r} appears twice (lines "
+                             f"{lines[record]} and {line}); keep one row per record")
+        lines[record] = line
+        reports[record] = (text if isinstance(text, str) else "", subject)
+    return reports
 
 
 def list_records(root: str, options: SourceOptions) -> Listing:
@@ -33,6 +41,9 @@ def list_records(root: str, options: SourceOptions) -> Listing:
     refs, skipped = [], []
     for path in find_headers(root):
         record_id = os.path.relpath(path, root).replace(os.sep, "/")
+        if not inside_root(root, path + ".hea"):
+            skipped.append((record_id, "outside_root", "header is a link to outside --root"))
+            continue
         subject, report, sentences = record_id, None, None
         if reports is not None:
             entry = reports.get(record_id) or reports.get(os.path.basename(path))
@@ -42,6 +53,6 @@ def list_records(root: str, options: SourceOptions) -> Listing:
                 continue
             subject = entry[1] if isinstance(entry[1], str) and entry[1] else record_id
         refs.append(RecordRef(record_id=record_id, subject=subject,
-                              load=functools.partial(load_wfdb, path),
+                              load=functools.partial(load_wfdb, path, root=root),
                               report=report, sentences=sentences))
     return Listing(refs, skipped)

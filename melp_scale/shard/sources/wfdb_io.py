@@ -8,25 +8,41 @@ import scipy.io
 import wfdb
 
 from melp_scale.shard.record import RawSignal, SkipRecord
+from melp_scale.shard.sources import require_inside
 
 INVALID_SAMPLE = -32768  # WFDB format 16's "no value"
 
 
-def load_wfdb(path: str) -> RawSignal:
+def _signal_files(path: str, header: dict, root: str | None) -> list[str]:
+    """The header's signal files, each checked to lie inside ``root`` (default: the record's
+    folder) and to exist, before anything opens them."""
+    folder = os.path.dirname(path)
+    files = []
+    for name in dict.fromkeys(header["files"]):
+        file = os.path.join(folder, name)
+        require_inside(root or folder, file)
+        if not os.path.exists(file):
+            raise SkipRecord("missing_signal", file)
+        files.append(file)
+    return files
+
+
+def load_wfdb(path: str, root: str | None = None) -> RawSignal:
     """Read ``path`` (.hea/.dat without extension) in mV; invalid samples become NaN.
+
+    ``root``: the dataset folder; a header or signal file that resolves outside it (default:
+    outside the record's own folder) is skipped as ``outside_root`` without being read.
 
     Fast path: a single-file format-16 record (MIMIC-IV-ECG, PTB-XL, most 12-lead sets) is
     read with one header parse and one ``np.fromfile`` — wfdb parses each header with pandas
     (~6 ms, twice per record), which would dominate an 800k-record build. Anything else
     (format 212, several signal files, byte offsets) goes through ``wfdb.rdrecord``.
     """
+    require_inside(root or os.path.dirname(path), path + ".hea")
     header = parse_header(path + ".hea")
-    folder = os.path.dirname(path)
-    for name in set(header["files"]):
-        if not os.path.exists(os.path.join(folder, name)):
-            raise SkipRecord("missing_signal", os.path.join(folder, name))
-    if set(header["formats"]) == {"16"} and len(set(header["files"])) == 1:
-        return _read_format16(os.path.join(folder, header["files"][0]), header)
+    files = _signal_files(path, header, root)
+    if set(header["formats"]) == {"16"} and len(files) == 1:
+        return _read_format16(files[0], header)
     try:
         record = wfdb.rdrecord(path, physical=True)
     except ValueError as error:
@@ -97,12 +113,12 @@ def parse_header(path: str) -> dict:
     return header
 
 
-def load_challenge(path: str) -> RawSignal:
-    """Read a Challenge record (``path``.hea + MATLAB v4 ``val`` matrix) in mV."""
+def load_challenge(path: str, root: str | None = None) -> RawSignal:
+    """Read a Challenge record (``path``.hea + MATLAB v4 ``val`` matrix) in mV (``root`` as
+    for :func:`load_wfdb`)."""
+    require_inside(root or os.path.dirname(path), path + ".hea")
     header = parse_header(path + ".hea")
-    mat_path = os.path.join(os.path.dirname(path), header["files"][0])
-    if not os.path.exists(mat_path):
-        raise SkipRecord("missing_signal", mat_path)
+    mat_path = _signal_files(path, header, root)[0]
     try:
         values = scipy.io.loadmat(mat_path)["val"]
     except Exception as error:

@@ -1,24 +1,30 @@
-"""Report text -> token ids with a per-token sentence index (METHOD.md §2).
+"""Report text -> token ids with a per-token sentence index (METHOD.md §2), laid out as the
+official MELP code does (MELP_REFERENCE_KEYS.md §7), with the padding moved after [CLS].
 
-Layout of one tokenized report (length ``max_length``, right-padded)::
+One tokenized report (length ``max_length``, right-padded)::
 
-    [BOS] tok(sentence 0) tok(sentence 1) ... tok(sentence S-1) [CLS] [PAD] ...
-    -1    0 0 0 ...       1 1 ...             S-1 ...             -1    -1 ...   <- sentence_index
+    [BOS] w1 w2 .  w3 w4 w5 .  w6 [SEP] [CLS] [PAD] ...
+    -1    0  0  0  1  1  1  1  -1  -1    -1    -1   ...   <- sentence_index
 
-- ``[BOS]`` is the tokenizer's ``bos_token`` when it has one. BERT-family tokenizers (MiniLM,
-  MedCPT) have none; they get their ``[SEP]`` token instead, because ``[SEP]`` is a special
-  token the encoder has seen at sequence boundaries, while reusing ``[CLS]`` would put two
-  ``[CLS]`` tokens in the sequence and the global embedding must be read from exactly one.
-- ``[CLS]`` is moved to the END: the model reads the global text embedding at position
-  ``attention_mask.sum(-1) - 1``. Truncation always keeps it (the body is cut, never ``[CLS]``).
-- Each sentence is tokenized on its own (no special tokens) and the pieces are concatenated,
-  so ``sentence_index`` is exact for any tokenizer; no token id is hard-coded. A sentence that
-  does not end in ``.``, ``!`` or ``?`` gets a ``.`` appended before tokenization, so the
-  body reads like the report ("s0. s1. s2.") whether or not the shard's sentence list kept
-  the full stops; the full stop belongs to its sentence.
-- Sentences that are empty or tokenize to nothing are dropped before numbering, so the indices
-  of the kept sentences are contiguous 0..S-1 and ``S = sentence_index.max() + 1``.
-- Caption targets are ``input_ids`` shifted by one (the model does this).
+- ``[BOS]`` is an added special token (id = the old vocabulary size) when the tokenizer has no
+  bos token of its own (BERT family, as the reference: V = 30522 + 1); the text model gets one
+  more embedding row (``load_tokenizer`` is the one place that adds it). ``[SEP]`` ends the
+  text (the caption target after the last word; generation's EOS).
+- The text is the report, tokenized as a whole (the reference tokenizes ``"[BOS] " + report``);
+  when the report is empty, the sentence list joined by spaces, each ending in ``.``/``!``/``?``.
+  The body is truncated to ``max_length - 3`` tokens (the reference truncates
+  ``[CLS] [BOS] body [SEP]`` to 128, then drops the leading [CLS]).
+- ``[CLS]`` comes last: the reference appends it after the padding, at position
+  ``max_length - 1``. Here it follows ``[SEP]`` directly (so batches can drop all-padding
+  columns), and the text encoder gives it position id ``max_length - 1``: with causal attention
+  (and padding masked as keys) every real token's state is the same as in the reference layout.
+- Sentences follow the reference's rule: cut after every ``.`` token; a segment runs from the
+  previous cut to and including its ``.``; tokens after the last ``.`` belong to no sentence;
+  special tokens ([BOS], [SEP], [CLS], [PAD], [UNK], [MASK]) belong to none; a segment with no
+  other token is skipped, so the kept sentences are numbered 0..S-1 contiguously and
+  ``S = sentence_index.max() + 1``. A report with no ``.`` has S = 0 (the model excludes it
+  from the local loss; the reference misaligns its batch there).
+- Caption targets are ``input_ids`` shifted by one, [CLS] and padding excluded (the model does this).
 """
 from __future__ import annotations
 
@@ -59,27 +65,42 @@ def split_report(report: str) -> list[str]:
     return [piece.strip() for piece in report.split(".") if piece.strip()]
 
 
+BOS_TOKEN = "[BOS]"
+
+
+def load_tokenizer(name_or_path: str):
+    """The HF tokenizer of a text model, with the reference's added ``[BOS]`` special token when
+    it has no bos token of its own (then ``len(tokenizer)`` is one more than the vocabulary)."""
+    from transformers import AutoTokenizer  # heavy import, kept off the package import
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(name_or_path))
+    if tokenizer.bos_token_id is None:
+        tokenizer.add_special_tokens({"bos_token": BOS_TOKEN})
+    return tokenizer
+
+
 class ReportTokenizer:
-    """A Hugging Face tokenizer producing ``[BOS] report [CLS]`` plus sentence indices.
+    """A Hugging Face tokenizer producing ``[BOS] report [SEP] [CLS]`` plus sentence indices.
 
     Picklable (DataLoader workers tokenize); call it per sample or use :meth:`batch`.
     """
 
     def __init__(self, name_or_path: str = OFFLINE_MODEL, max_length: int = 128):
-        from transformers import AutoTokenizer  # heavy import, kept off the package import
-
-        if max_length < 3:
-            raise ValueError(f"max_length must be >= 3 ([BOS], one token, [CLS]); got {max_length}")
+        if max_length < 4:
+            raise ValueError(f"max_length must be >= 4 ([BOS], one token, [SEP], [CLS]); got {max_length}")
         self.name_or_path = name_or_path
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(name_or_path))
-        tok = self.tokenizer
-        self.bos_token_id: int = tok.bos_token_id if tok.bos_token_id is not None else tok.sep_token_id
-        self.cls_token_id: int = tok.cls_token_id if tok.cls_token_id is not None else tok.eos_token_id
-        if self.bos_token_id is None or self.cls_token_id is None:
-            raise ValueError(f"text model {name_or_path!r}: its tokenizer has neither a bos nor a "
-                             "sep token, or neither a cls nor an eos token; choose a BERT-family model")
-        self.pad_token_id: int = tok.pad_token_id if tok.pad_token_id is not None else self.cls_token_id
+        self.tokenizer = tok = load_tokenizer(name_or_path)
+        self.bos_token_id: int = tok.bos_token_id
+        self.cls_token_id: int | None = tok.cls_token_id
+        self.eos_token_id: int | None = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        if self.cls_token_id is None or self.eos_token_id is None:
+            raise ValueError(f"text model {name_or_path!r}: its tokenizer lacks a cls token or a "
+                             "sep/eos token; choose a BERT-family model")
+        self.pad_token_id: int = tok.pad_token_id if tok.pad_token_id is not None else 0
+        period = tok.convert_tokens_to_ids(".")
+        self.period_token_id: int | None = None if period in (None, tok.unk_token_id) else period
+        self.special_ids = frozenset(tok.all_special_ids)
         self.vocab_size: int = len(tok)
         # Fast tokenizers: call the Rust tokenizer directly (half the per-call overhead), on a
         # copy without the padding/truncation some tokenizer.json files switch on.
@@ -90,34 +111,43 @@ class ReportTokenizer:
             self._backend.no_padding()
             self._backend.no_truncation()
 
-    def _sentence_tokens(self, report: str, sentences: Sequence[str]) -> list[list[int]]:
+    @staticmethod
+    def _text(report: str, sentences: Sequence[str]) -> str:
+        if report and report.strip():
+            return report.strip()
         pieces = [s.strip() for s in sentences if s and s.strip()]
-        if not pieces:
-            pieces = split_report(report)
-        pieces = [p if p.endswith(_TERMINATORS) else p + "." for p in pieces]
-        if not pieces:
+        return " ".join(p if p.endswith(_TERMINATORS) else p + "." for p in pieces)
+
+    def _body(self, text: str) -> list[int]:
+        if not text:
             return []
         if self._backend is not None:
-            encoded = [e.ids for e in self._backend.encode_batch(pieces, add_special_tokens=False)]
-        else:
-            encoded = self.tokenizer(pieces, add_special_tokens=False)["input_ids"]
-        return [ids for ids in encoded if ids]
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sentence_index(self, ids: Sequence[int]) -> list[int]:
+        """The reference's sentence split of ``ids`` (see the module docstring); -1 = none."""
+        index = [-1] * len(ids)
+        if self.period_token_id is None:
+            return index
+        start, number = 0, 0
+        for position, token in enumerate(ids):
+            if token != self.period_token_id:
+                continue
+            members = [p for p in range(start, position + 1) if ids[p] not in self.special_ids]
+            for p in members:
+                index[p] = number
+            number += bool(members)
+            start = position + 1
+        return index
 
     def __call__(self, report: str, sentences: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         """Tokenize one report: 1-D LongTensors ``input_ids``, ``attention_mask``,
         ``sentence_index`` of length ``max_length`` (see the module docstring)."""
-        body_budget = self.max_length - 2
-        ids: list[int] = [self.bos_token_id]
-        index: list[int] = [-1]
-        for sentence_number, tokens in enumerate(self._sentence_tokens(report, sentences)):
-            room = body_budget - (len(ids) - 1)
-            if room <= 0:
-                break
-            kept = tokens[:room]
-            ids.extend(kept)
-            index.extend([sentence_number] * len(kept))
+        body = self._body(self._text(report, sentences))[:self.max_length - 3]
+        ids = [self.bos_token_id, *body, self.eos_token_id]
+        index = self.sentence_index(ids) + [-1]
         ids.append(self.cls_token_id)
-        index.append(-1)
         rows = np.empty((3, self.max_length), dtype=np.int64)  # one allocation, three views
         rows[0], rows[1], rows[2] = self.pad_token_id, 0, -1
         rows[0, :len(ids)], rows[1, :len(ids)], rows[2, :len(ids)] = ids, 1, index

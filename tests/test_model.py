@@ -77,21 +77,36 @@ def paper_model():
     return MELP(config).eval()
 
 
-def test_paper_parameter_counts(paper_model):
-    counts = parameter_counts(paper_model)
-    d, c, f, layers = 768, 256, 3072, 8
-    conv = 12 * c * 2 + 3 * c * c * 2 + 2 * c  # 4 bias-free convs + GroupNorm
-    front = 2 * c + (c * d + d)  # LayerNorm(256) + Linear 256 -> 768
-    pos_conv = d * (d // 16) * 128 + d + 128  # grouped conv (weight norm: v + g) + bias
-    layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
-    assert counts["ecg_encoder"] == conv + front + pos_conv + 2 * d + layers * layer == 62_021_760
-    # METHOD.md: "about 65.6 M parameters" for the ECG side (encoder + beat and caption poolers)
-    assert abs(counts["ecg_tower"] - 65.6e6) / 65.6e6 < 0.01, counts["ecg_tower"]
-    assert counts["text_encoder"] - sum(p.numel() for p in paper_model.text.bert.parameters()) == (
-        (768 * 256 + 256) + (256 * 256 + 256) + (768 * 256 + 256))
-    frozen = counts["total"] - counts["trainable"]
+# MELP_REFERENCE_KEYS.md §2: the official MELPModel at Q = 10, V = 30523 (30522 WordPiece + [BOS]),
+# printed by the official code itself; (total, trainable, frozen) per top-level module
+OFFICIAL_COUNTS = {
+    "ecg_encoder": (65_592_833, 65_592_833, 0),
+    "lm_model": (109_515_067, 66_987_835, 42_527_232),
+    "proj_t": (262_656, 262_656, 0),
+    "sent_proj": (196_864, 196_864, 0),
+    "text_decoder": (108_506_880, 108_506_880, 0),
+    "logit_scale": (1, 1, 0),
+    "total": (284_074_301, 241_547_069, 42_527_232),
+}
+# tensors the official model holds but MELP never uses (the converter drops them): wav2vec 2.0
+# heads (509,824) + the ECG-FM wrapper's logit_scale (1); BERT LM head transform + bias (622,651)
+OFFICIAL_UNUSED = {"ecg_encoder": 509_824 + 1, "lm_model": 622_651}
+
+
+def test_paper_parameter_counts_match_official(paper_model):
+    with_unused = parameter_counts(paper_model, include_official_unused=True)
+    assert {name: (row["total"], row["trainable"], row["frozen"])
+            for name, row in with_unused.items()} == OFFICIAL_COUNTS
+    ours = parameter_counts(paper_model)  # what our model carries: the used part only
+    for name, (total, trainable, frozen) in OFFICIAL_COUNTS.items():
+        unused = OFFICIAL_UNUSED.get(name, 0) if name != "total" else sum(OFFICIAL_UNUSED.values())
+        assert ours[name] == {"total": total - unused, "trainable": trainable - unused, "frozen": frozen}
+    # frozen = BERT layers 0-5 exactly; the embeddings are trainable (as in the official code)
     bert = paper_model.text.bert
-    assert frozen == sum(p.numel() for m in (bert.embeddings, *bert.encoder.layer[:6]) for p in m.parameters())
+    assert all(p.requires_grad for p in bert.embeddings.parameters())
+    assert ours["total"]["frozen"] == sum(p.numel() for layer in bert.encoder.layer[:6] for p in layer.parameters())
+    assert all(p.requires_grad for layer in bert.encoder.layer[6:] for p in layer.parameters())
+    assert sum(p.numel() for p in paper_model.parameters()) == ours["total"]["total"]
 
 
 def test_paper_shapes(paper_model):
@@ -209,7 +224,10 @@ def test_caption_loss_ignores_padding(demo_model, tokenizer):
         states = model.text(batch["input_ids"], batch["attention_mask"])
         context = model.caption_pooler(model.ecg_encoder(batch["ecg"]))
         logits = model.decoder.logits(model.decoder(states.hidden, context))  # (B, L, V)
-    targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    targets = batch["input_ids"][:, 1:]
+    # padding and the appended [CLS] are not targets; [SEP] (end of text) is
+    targets = targets.masked_fill((batch["attention_mask"][:, 1:] == 0) | (targets == tokenizer.cls_token_id), -100)
+    assert (targets == tokenizer.eos_token_id).sum() == len(REPORTS)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1))
     torch.testing.assert_close(out.loss_caption, expected, rtol=1e-4, atol=1e-4)
 

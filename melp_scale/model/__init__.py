@@ -7,7 +7,9 @@
 """
 from .config import (DecoderConfig, ECGEncoderConfig, LossConfig, MELPConfig, PoolerConfig,
                      PRESETS, TextEncoderConfig)
-from .melp import MELP, MELPOutput, parameter_counts
+from .counts import OFFICIAL_MODULES, official_unused_counts, parameter_counts
+from .melp import MELP, MELPOutput
 
 __all__ = ["MELP", "MELPConfig", "MELPOutput", "ECGEncoderConfig", "PoolerConfig",
-           "TextEncoderConfig", "DecoderConfig", "LossConfig", "PRESETS", "parameter_counts"]
+           "TextEncoderConfig", "DecoderConfig", "LossConfig", "PRESETS", "parameter_counts",
+           "official_unused_counts", "OFFICIAL_MODULES"]

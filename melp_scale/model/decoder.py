@@ -1,14 +1,23 @@
-"""Caption decoder (METHOD.md §2): N pre-LN layers of causal self-attention, cross-attention
-onto the caption ECG tokens and an MLP; final LayerNorm; projection to the vocabulary.
+"""Caption decoder (METHOD.md §2), the reference's open_clip ``MultimodalTransformer``.
 
-Input: the text encoder's token states (B, L, W), W = the text hidden size; context: the
-caption pooler's ECG tokens (B, M, C). Initialisation follows GPT-2: N(0, 0.02) for every
-linear layer, residual output projections scaled by 1/√(2·layers), zero biases; the
-vocabulary projection is initialised too (the reference leaves it uninitialised).
+Layer i (pre-LN everywhere, GELU exact, no layer-scale):
+
+1. ``resblocks[i]``: x = x + SelfAttn(ln_1 x) (causal); x = x + MLP(ln_2 x)
+2. ``cross_attn[i]``: x = x + Attn(q = ln_1 x, k = v = ln_1_kv ecg); x = x + MLP(ln_2 x)
+
+then ``ln_final`` and ``text_projection`` to the vocabulary. Input: the text encoder's token
+states (B, L, W), W = the text hidden size; context: the caption pooler's ECG tokens (B, M, W).
+Attention is ``nn.MultiheadAttention``'s layout (fused ``in_proj_weight`` (3W, W) rows
+[W_q; W_k; W_v], ``in_proj_bias``, ``out_proj``), so official weights load unchanged.
+
+Initialisation is the reference's (PyTorch defaults: Xavier-uniform over the fused in_proj,
+zero in/out biases, ``nn.Linear`` defaults elsewhere), except ``text_projection``: the reference
+creates it with ``torch.empty`` and never initialises it (its ``init_parameters`` is never
+called), so a fresh reference model holds whatever memory was there. We keep our fix and draw it
+from N(0, W**-0.5), the init that ``init_parameters`` would apply. It is an ``nn.Linear`` without
+bias whose weight is the transpose of the reference's (W, V) matrix (the converter transposes).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -17,81 +26,81 @@ from torch import nn
 from .config import DecoderConfig
 
 
-class _Attention(nn.Module):
-    """Multi-head attention of queries (B, L, W) over a context (B, M, C) via SDPA."""
+class MultiheadAttention(nn.Module):
+    """nn.MultiheadAttention's parameters, computed with SDPA (batch first)."""
 
-    def __init__(self, width: int, context_dim: int, num_heads: int, dropout: float):
+    def __init__(self, width: int, num_heads: int, dropout: float):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(width, width)
-        self.kv_proj = nn.Linear(context_dim, 2 * width)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, causal: bool) -> torch.Tensor:
         batch, length, width = x.shape
-        heads = self.num_heads
-        q = self.q_proj(x).view(batch, length, heads, -1).transpose(1, 2)  # (B, h, L, d)
-        k, v = self.kv_proj(context).view(batch, context.shape[1], 2, heads, -1).unbind(dim=2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, h, M, d)
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        if context is None:  # self-attention: one fused projection
+            q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(x, weight[:width], bias[:width])
+            k, v = F.linear(context, weight[width:], bias[width:]).chunk(2, dim=-1)
+        q, k, v = (t.reshape(batch, t.shape[1], self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
-class DecoderLayer(nn.Module):
-    """x += SelfAttn(LN x) (causal); x += CrossAttn(LN x, LN ecg); x += MLP(LN x)."""
+class ResidualAttentionBlock(nn.Module):
+    """x += Attn(ln_1 x[, ln_1_kv context]); x += MLP(ln_2 x)."""
 
-    def __init__(self, width: int, context_dim: int, config: DecoderConfig):
+    def __init__(self, width: int, config: DecoderConfig, cross: bool):
         super().__init__()
-        self.norm_self = nn.LayerNorm(width)
-        self.self_attn = _Attention(width, width, config.num_heads, config.dropout)
-        self.norm_cross = nn.LayerNorm(width)
-        self.norm_context = nn.LayerNorm(context_dim)
-        self.cross_attn = _Attention(width, context_dim, config.num_heads, config.dropout)
-        self.norm_mlp = nn.LayerNorm(width)
-        hidden = int(round(width * config.mlp_ratio))
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width),
-                                 nn.Dropout(config.dropout))
+        self.cross = cross
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = MultiheadAttention(width, config.num_heads, config.dropout)
+        if cross:
+            self.ln_1_kv = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width)
+        hidden = int(width * config.mlp_ratio)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, hidden))
+        self.mlp.add_module("gelu", nn.GELU())
+        self.mlp.add_module("c_proj", nn.Linear(hidden, width))
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = self.norm_self(x)
-        x = x + self.self_attn(h, h, causal=True)
-        x = x + self.cross_attn(self.norm_cross(x), self.norm_context(context), causal=False)
-        return x + self.mlp(self.norm_mlp(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cross:
+            x = x + self.dropout(self.attn(self.ln_1(x), self.ln_1_kv(context), causal=False))
+        else:
+            x = x + self.dropout(self.attn(self.ln_1(x), None, causal=True))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
 class CaptionDecoder(nn.Module):
-    """Token states (B, L, W) + ECG tokens (B, M, C) -> hidden (B, L, W); ``logits`` -> vocab."""
+    """Token states (B, L, W) + ECG tokens (B, M, W) -> hidden (B, L, W); ``logits`` -> vocab."""
 
-    def __init__(self, width: int, context_dim: int, vocab_size: int, config: DecoderConfig):
+    def __init__(self, width: int, vocab_size: int, config: DecoderConfig):
         super().__init__()
         if width % config.num_heads:
             raise ValueError(f"decoder.num_heads: {config.num_heads} does not divide the text "
                              f"hidden size {width} (the decoder width)")
-        self.layers = nn.ModuleList([DecoderLayer(width, context_dim, config)
-                                     for _ in range(config.num_layers)])
-        self.norm = nn.LayerNorm(width)
-        self.lm_head = nn.Linear(width, vocab_size, bias=False)
-        self._init_weights(config.num_layers)
-
-    def _init_weights(self, num_layers: int) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        residual_std = 0.02 / math.sqrt(2 * num_layers)
-        for layer in self.layers:
-            for projection in (layer.self_attn.out_proj, layer.cross_attn.out_proj, layer.mlp[2]):
-                nn.init.normal_(projection.weight, std=residual_std)
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, config, cross=False)
+                                        for _ in range(config.num_layers)])
+        self.cross_attn = nn.ModuleList([ResidualAttentionBlock(width, config, cross=True)
+                                         for _ in range(config.num_layers)])
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Linear(width, vocab_size, bias=False)
+        nn.init.normal_(self.text_projection.weight, std=width ** -0.5)
 
     def forward(self, states: torch.Tensor, ecg_tokens: torch.Tensor) -> torch.Tensor:
         x = states
-        for layer in self.layers:
-            x = layer(x, ecg_tokens)
-        return self.norm(x)  # (B, L, W)
+        for self_block, cross_block in zip(self.resblocks, self.cross_attn):
+            x = cross_block(self_block(x), ecg_tokens)
+        return self.ln_final(x)  # (B, L, W)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., W) -> (..., vocab)."""
-        return self.lm_head(hidden)
+        return self.text_projection(hidden)

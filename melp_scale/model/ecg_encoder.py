@@ -1,19 +1,52 @@
-"""wav2vec-2.0-style ECG encoder (METHOD.md §2; ECG-FM / fairseq-signals layout).
+"""wav2vec-2.0-style ECG encoder (METHOD.md §2), structured like the official MELP backbone
+(fairseq-signals ``Wav2Vec2CMSCModel`` run with ``mask=False, features_only=True``).
 
-ecg (B, 12, T) -> conv feature extractor (num_conv_layers x Conv1d(k=2, s=2), GroupNorm after
-the first, GELU after each) -> (B, T // 16, 256) -> LayerNorm -> Linear -> dropout
--> + convolutional positional encoding -> LayerNorm -> post-LN Transformer -> (B, N, width).
+ecg (B, 12, T) -> conv feature extractor (num_conv_layers x Conv1d(k=2, s=2, no bias); block 0:
+conv -> GroupNorm(one group per channel, fp32) -> GELU, the others conv -> GELU)
+-> GradMultiply(feature_grad_mult): identity forward, gradient x 0.1 into the conv stack
+-> (B, N, 256) -> ``layer_norm`` -> ``post_extract_proj`` -> dropout
+-> x + GELU(SamePad(grouped weight-normalised Conv1d(x)))   (convolutional positions)
+-> ``encoder_norm`` (post-LN stack: this LayerNorm comes BEFORE layer 0) -> dropout
+-> post-LN layers (separate q/k/v/out projections, GELU FFN) -> (B, N, width).
 With the paper sizes, 5000 samples give 312 tokens of 16 samples (32 ms at 500 Hz).
+
+Initialisation follows the official code (whose ``init_bert_params`` call is commented out):
+convs Kaiming-normal; positional conv N(0, sqrt(4 / (kernel * width))), zero bias; attention q/k/v
+Xavier-uniform with gain 1/sqrt(2), output Xavier-uniform with zero bias; every other Linear and
+LayerNorm the PyTorch default. Parameter names mirror the official ones (``conv_layers.{i}.0``,
+``self_attn.q_proj``, ``fc1`` ...), so the converter (``melp_scale.convert``) maps them 1:1.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from .config import ECGEncoderConfig
+
+
+class GradMultiply(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in fp32 (and cast back), as fairseq's ``Fp32GroupNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return out.type_as(x)
 
 
 class ConvFeatureExtractor(nn.Module):
@@ -21,41 +54,79 @@ class ConvFeatureExtractor(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, num_layers: int):
         super().__init__()
-        layers: list[nn.Module] = []
+        blocks = []
         for index in range(num_layers):
-            layers.append(nn.Conv1d(in_channels if index == 0 else channels, channels,
-                                    kernel_size=2, stride=2, bias=False))
-            if index == 0:
-                # fairseq "default" mode: one GroupNorm with a group per channel, first layer only
-                layers.append(nn.GroupNorm(channels, channels, affine=True))
-            layers.append(nn.GELU())
-        self.layers = nn.Sequential(*layers)
-        for module in self.layers:
-            if isinstance(module, nn.Conv1d):
-                nn.init.kaiming_normal_(module.weight)
+            conv = nn.Conv1d(in_channels if index == 0 else channels, channels,
+                             kernel_size=2, stride=2, bias=False)
+            nn.init.kaiming_normal_(conv.weight)
+            # fairseq "default" mode: a GroupNorm with a group per channel, first block only
+            norm = [Fp32GroupNorm(channels, channels, affine=True)] if index == 0 else []
+            blocks.append(nn.Sequential(conv, nn.Dropout(0.0), *norm, nn.GELU()))
+        self.conv_layers = nn.ModuleList(blocks)
 
     def forward(self, ecg: torch.Tensor) -> torch.Tensor:
-        return self.layers(ecg)
+        for block in self.conv_layers:
+            ecg = block(ecg)
+        return ecg
 
 
 class ConvPositionalEncoding(nn.Module):
-    """Grouped, weight-normalised Conv1d over the tokens, added to them (wav2vec 2.0)."""
+    """Grouped Conv1d over the tokens, weight-normalised over dims (0, 1) (one norm per kernel
+    position), SamePad (an even kernel drops the last step), GELU; added to the tokens."""
 
-    def __init__(self, width: int, kernel_size: int, groups: int, dropout: float):
+    def __init__(self, width: int, kernel_size: int, groups: int):
         super().__init__()
         conv = nn.Conv1d(width, width, kernel_size, padding=kernel_size // 2, groups=groups)
-        std = math.sqrt(4 * (1.0 - dropout) / (kernel_size * width))
-        nn.init.normal_(conv.weight, mean=0.0, std=std)
+        nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel_size * width)))
         nn.init.zeros_(conv.bias)
         self.conv = weight_norm(conv, name="weight", dim=2)
-        # an even kernel with padding k//2 yields one extra step: drop it ("SamePad")
         self.trim = 1 if kernel_size % 2 == 0 else 0
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.conv(tokens.transpose(1, 2))  # (B, D, N + trim)
         if self.trim:
             x = x[:, :, :-self.trim]
-        return tokens + nn.functional.gelu(x).transpose(1, 2)  # (B, N, D)
+        return tokens + F.gelu(x).transpose(1, 2)  # (B, N, D)
+
+
+class SelfAttention(nn.Module):
+    """fairseq MultiHeadAttention layout: separate q/k/v/out Linear layers with bias."""
+
+    def __init__(self, width: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(projection.weight, gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = (proj(x).view(batch, length, self.num_heads, -1).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, N, d)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN: x = LN(x + drop(MHA(x))); x = LN(x + drop(fc2(act_drop(GELU(fc1(x))))))."""
+
+    def __init__(self, config: ECGEncoderConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(config.width, config.num_heads, config.attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(config.width)
+        self.fc1 = nn.Linear(config.width, config.ffn_dim)
+        self.fc2 = nn.Linear(config.ffn_dim, config.width)
+        self.final_layer_norm = nn.LayerNorm(config.width)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x)))
+        hidden = self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+        return self.final_layer_norm(x + self.dropout(hidden))
 
 
 class ECGEncoder(nn.Module):
@@ -66,17 +137,12 @@ class ECGEncoder(nn.Module):
         self.config = config
         self.feature_extractor = ConvFeatureExtractor(
             config.in_channels, config.conv_channels, config.num_conv_layers)
-        self.feature_norm = nn.LayerNorm(config.conv_channels)
-        self.input_proj = nn.Linear(config.conv_channels, config.width)
+        self.layer_norm = nn.LayerNorm(config.conv_channels)
+        self.post_extract_proj = nn.Linear(config.conv_channels, config.width)
         self.input_dropout = nn.Dropout(config.dropout)
-        self.pos_conv = ConvPositionalEncoding(
-            config.width, config.pos_conv_kernel, config.pos_conv_groups, config.dropout)
+        self.pos_conv = ConvPositionalEncoding(config.width, config.pos_conv_kernel, config.pos_conv_groups)
         self.encoder_norm = nn.LayerNorm(config.width)
-        self.layers = nn.ModuleList([
-            nn.TransformerEncoderLayer(
-                config.width, config.num_heads, config.ffn_dim, dropout=config.dropout,
-                activation="gelu", batch_first=True, norm_first=False)
-            for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_layers)])
 
     def forward(self, ecg: torch.Tensor) -> torch.Tensor:
         if ecg.dim() != 3 or ecg.shape[1] != self.config.in_channels:
@@ -84,10 +150,12 @@ class ECGEncoder(nn.Module):
         if ecg.shape[-1] < self.config.samples_per_token:
             raise ValueError(f"ecg has {ecg.shape[-1]} samples; need at least "
                              f"{self.config.samples_per_token} for one token")
-        features = self.feature_extractor(ecg).transpose(1, 2)  # (B, N, C)
-        x = self.input_dropout(self.input_proj(self.feature_norm(features)))  # (B, N, D)
-        x = self.encoder_norm(self.pos_conv(x))  # post-LN layout: norm before the first layer
-        x = self.input_dropout(x)
+        features = self.feature_extractor(ecg)  # (B, C, N)
+        if self.config.feature_grad_mult != 1.0:
+            features = GradMultiply.apply(features, self.config.feature_grad_mult)
+        x = self.layer_norm(features.transpose(1, 2))  # (B, N, C)
+        x = self.input_dropout(self.post_extract_proj(x))  # (B, N, D)
+        x = self.input_dropout(self.encoder_norm(self.pos_conv(x)))  # post-LN: norm before layer 0
         for layer in self.layers:
             x = layer(x)
         return x  # (B, N, D)

@@ -3,7 +3,7 @@ inference API (METHOD.md §2-§3, §5).
 
     ecg (B, 12, T) -> ECGEncoder -> tokens (B, N, D_ecg)
         -> BeatPooler -> beats (B, Q_b, E) -> mean, L2 norm -> ECG global (B, E)
-        -> caption AttentionPooler -> ECG tokens (B, M, D_ecg) for the decoder
+        -> CaptionPooler -> ECG tokens (B, M, W) for the decoder (W = text width)
     input_ids (B, L) -> TextEncoder -> states (B, L, H) -> text global (B, E), sentences (B, S, E)
         -> CaptionDecoder(states, ECG tokens) -> next-token logits
     loss = w_g·InfoNCE(ECG global, text global) + w_c·caption CE + w_l·local(beats, sentences)
@@ -30,7 +30,7 @@ from .config import MELPConfig
 from .decoder import CaptionDecoder
 from .ecg_encoder import ECGEncoder
 from .generation import beam_search
-from .poolers import AttentionPooler, BeatPooler
+from .poolers import BeatPooler, CaptionPooler
 from .text_encoder import TextEncoder
 
 CONFIG_NAME = "config.json"
@@ -70,11 +70,13 @@ class MELP(nn.Module):
         self.ecg_encoder = ECGEncoder(config.ecg)
         self.beat_pooler = BeatPooler(embed_dim, ecg_width, config.pooler.num_beat_queries,
                                       config.pooler.beat_heads)
-        self.caption_pooler = AttentionPooler(ecg_width, ecg_width, config.pooler.num_caption_queries,
-                                              config.pooler.caption_heads)
         self.text = TextEncoder(config.text, embed_dim)
-        self.decoder = CaptionDecoder(self.text.hidden_size, ecg_width, self.text.vocab_size,
-                                      config.decoder)
+        # the decoder's width is the text hidden size; the caption pooler produces its memory at
+        # that width from the ECG tokens (the reference: embed_dim_caption 768, kdim = ECG width)
+        self.caption_pooler = CaptionPooler(self.text.hidden_size, ecg_width,
+                                            config.pooler.num_caption_queries,
+                                            config.pooler.caption_heads)
+        self.decoder = CaptionDecoder(self.text.hidden_size, self.text.vocab_size, config.decoder)
         # shape (1,), not 0-d: DeepSpeed's parameter broadcast views every parameter as bytes,
         # which fails for 0-d tensors; the loss takes the 0-d view ``self.logit_scale[0]``
         self.logit_scale = nn.Parameter(torch.tensor([float(config.loss.logit_scale_init)]))
@@ -124,7 +126,7 @@ class MELP(nn.Module):
         ecg_tokens = self.ecg_encoder(batch["ecg"])  # (B, N, D_ecg)
         beats = self.beat_pooler(ecg_tokens)  # (B, Q_b, E)
         ecg_global = F.normalize(beats.mean(dim=1), dim=-1)  # (B, E)
-        caption_context = self.caption_pooler(ecg_tokens)  # (B, M, D_ecg)
+        caption_context = self.caption_pooler(ecg_tokens)  # (B, M, W)
 
         input_ids, attention_mask, sentence_index = _trim_padding(
             batch["input_ids"], batch["attention_mask"], batch["sentence_index"])
@@ -152,10 +154,13 @@ class MELP(nn.Module):
 
     def caption_loss(self, decoder_input: torch.Tensor, caption_context: torch.Tensor,
                      input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token cross entropy: states (B, L, W) predict input_ids[:, 1:], pads ignored."""
+        """Next-token cross entropy: states (B, L, W) predict input_ids[:, 1:]; padding and the
+        final [CLS] are not targets (the reference: [BOS] ... predict w1 ... [SEP])."""
         hidden = self.decoder(decoder_input[:, :-1], caption_context)  # (B, L-1, W)
         targets = input_ids[:, 1:]  # (B, L-1)
-        valid = attention_mask[:, 1:].bool()
+        cls_target = attention_mask.sum(dim=-1, keepdim=True).long() - 2  # [CLS] among targets
+        positions = torch.arange(targets.shape[1], device=targets.device)
+        valid = attention_mask[:, 1:].bool() & (positions[None] != cls_target)
         # project only the real positions: the vocabulary projection is the costly part
         logits = self.decoder.logits(hidden[valid])  # (T, V)
         return F.cross_entropy(logits.float(), targets[valid])
@@ -173,22 +178,22 @@ class MELP(nn.Module):
         """Report generation: greedy (``beams=1``) or beam search, in eval mode.
 
         Token ids come from ``tokenizer`` (a ``ReportTokenizer``) or the explicit arguments
-        (EOS is the tokenizer's [CLS], which ends every training report). Returns ids
+        (EOS is the tokenizer's [SEP], which ends every training report). Returns ids
         (B, T) starting with BOS, PAD after EOS; with a tokenizer, ``(ids, texts)``.
         """
         if tokenizer is not None:
             bos_token_id = tokenizer.bos_token_id if bos_token_id is None else bos_token_id
-            eos_token_id = tokenizer.cls_token_id if eos_token_id is None else eos_token_id
+            eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
             pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         if None in (bos_token_id, eos_token_id, pad_token_id):
             raise ValueError("generate: give a tokenizer or bos_token_id, eos_token_id and pad_token_id")
         was_training = self.training
         self.eval()
         try:
-            context = self.caption_pooler(self.ecg_encoder(ecg))  # (B, M, D_ecg)
+            context = self.caption_pooler(self.ecg_encoder(ecg))  # (B, M, W)
 
             def step(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                states = self.text(prefix, torch.ones_like(prefix))
+                states = self.text(prefix, torch.ones_like(prefix), cls_at_end=False)
                 hidden = self.decoder(self._decoder_input(states), context[rows])  # (N, t, W)
                 return F.log_softmax(self.decoder.logits(hidden[:, -1]).float(), dim=-1)
 
@@ -221,6 +226,14 @@ class MELP(nn.Module):
         self.tokenizer.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER_DIR))
 
     @classmethod
+    def from_official(cls, path: str | os.PathLike, text_model: str | None = None) -> "MELP":
+        """A model holding official MELP weights (HKU-MedAI/MELP checkpoint or the ECG-only
+        MELP_Encoder release); see ``melp_scale.convert`` (which also returns a report)."""
+        from melp_scale.convert import from_official
+
+        return from_official(path, text_model=text_model)[0]
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "MELP":
         """Rebuild a model written by :meth:`save_pretrained`."""
         from safetensors.torch import load_file
@@ -242,15 +255,3 @@ def _trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Drop the columns that are padding in every row (right padding): same outputs, less work."""
     length = max(int(attention_mask.sum(dim=-1).max()), 1)
     return tuple(t[:, :length] for t in (input_ids, attention_mask, *others))
-
-
-def parameter_counts(model: MELP) -> dict[str, int]:
-    """Parameters per component, plus totals and the trainable count."""
-    parts = {"ecg_encoder": model.ecg_encoder, "beat_pooler": model.beat_pooler,
-             "caption_pooler": model.caption_pooler, "text_encoder": model.text,
-             "decoder": model.decoder}
-    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
-    counts["ecg_tower"] = counts["ecg_encoder"] + counts["beat_pooler"] + counts["caption_pooler"]
-    counts["total"] = sum(p.numel() for p in model.parameters())
-    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return counts

@@ -1,15 +1,21 @@
 """Text tower: a Hugging Face BERT-family encoder plus the MELP heads (METHOD.md §2).
 
-Token layout comes from ``melp_scale.text.ReportTokenizer``: ``[BOS] sentence tokens [CLS] pad``,
+Token layout comes from ``melp_scale.text.ReportTokenizer``: ``[BOS] tokens [SEP] [CLS] pad``,
 with a per-token ``sentence_index`` (-1 for special and pad tokens).
 
-- global embedding: last hidden state at the final ``[CLS]`` (position
+- vocabulary: the tokenizer's plus the added ``[BOS]`` (the embedding matrix is resized to
+  ``len(tokenizer)`` when a pretrained model is loaded, as the reference does; an ``architecture``
+  is taken as the final model and not resized);
+- ``[CLS]`` gets position id ``max_length - 1`` (the reference appends it after the padding);
+- global embedding (``proj_t``): last hidden state at ``[CLS]`` (position
   ``attention_mask.sum(-1) - 1``) -> Linear -> GELU -> Linear -> L2 norm;
-- sentence embeddings: mean of the last-layer states of each sentence's tokens -> Linear,
-  zero-padded to the batch's largest sentence count;
-- causal attention (the reference) is a 4-D mask handed to the HF model, which transformers
-  5.x passes through unchanged to the attention implementation (boolean for SDPA, additive
-  for eager attention).
+- sentence embeddings (``sent_proj``): mean of the last-layer states of each sentence's tokens
+  -> Linear, zero-padded to the batch's largest sentence count;
+- freezing (the reference): the first ``num_frozen_layers`` layers only; the embeddings stay
+  trainable unless ``freeze_embeddings``;
+- causal attention (the reference runs BERT with ``is_decoder=True``) is a 4-D mask handed to
+  the HF model, which transformers 5.x passes through unchanged to the attention implementation
+  (boolean for SDPA, additive for eager attention).
 """
 from __future__ import annotations
 
@@ -25,16 +31,20 @@ def build_text_model(config: TextEncoderConfig) -> nn.Module:
     """The HF base model (no pooler head) named by ``config``; offline when possible."""
     from transformers import AutoConfig, AutoModel  # heavy import, kept off the package import
 
-    from melp_scale.text import resolve_text_model
+    from melp_scale.text import load_tokenizer, resolve_text_model
 
     if config.architecture is not None:
         fields = dict(config.architecture)
         hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         model = AutoModel.from_config(hf_config)
-    elif config.load_weights:
-        model = AutoModel.from_pretrained(resolve_text_model(config.name_or_path))
     else:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(resolve_text_model(config.name_or_path)))
+        if config.load_weights:
+            model = AutoModel.from_pretrained(resolve_text_model(config.name_or_path))
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(resolve_text_model(config.name_or_path)))
+        vocab_size = len(load_tokenizer(config.name_or_path))  # [BOS] added
+        if vocab_size != model.config.vocab_size:
+            model.resize_token_embeddings(vocab_size)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None  # BERT's [CLS]-at-the-start pooler is unused: keep no dead weights
     return model
@@ -87,30 +97,40 @@ class TextEncoder(nn.Module):
         self.global_head = nn.Sequential(
             nn.Linear(self.hidden_size, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
         self.sentence_proj = nn.Linear(self.hidden_size, embed_dim)
+        positions = getattr(self.bert.config, "max_position_embeddings", None)
+        if positions is not None and config.max_length > positions:
+            raise ValueError(f"text.max_length: {config.max_length} > the text model's "
+                             f"{positions} positions ([CLS] sits at position max_length - 1)")
         self._freeze(config.num_frozen_layers)
 
     def _freeze(self, num_layers: int) -> None:
         layers = _transformer_layers(self.bert)
         if num_layers > len(layers):
             raise ValueError(f"text.num_frozen_layers: {num_layers} > the model's {len(layers)} layers")
-        if num_layers == 0:
-            return
-        # the embeddings sit below the first layer: freezing layers above them but not them
-        # would still back-propagate through every frozen layer for nothing
-        embeddings = getattr(self.bert, "embeddings", None)
-        if embeddings is None:
-            embeddings = self.bert.get_input_embeddings()
-        for module in (embeddings, *layers[:num_layers]):
+        for module in layers[:num_layers]:
             module.requires_grad_(False)
+        if self.config.freeze_embeddings:
+            embeddings = getattr(self.bert, "embeddings", None)
+            if embeddings is None:
+                embeddings = self.bert.get_input_embeddings()
+            embeddings.requires_grad_(False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextStates:
-        """input_ids, attention_mask (B, L) -> :class:`TextStates`."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cls_at_end: bool = True) -> TextStates:
+        """input_ids, attention_mask (B, L) -> :class:`TextStates`. ``cls_at_end``: the last
+        real token of each row is the appended [CLS], given position id ``max_length - 1``
+        (False for a bare prefix, as in generation)."""
         mask = attention_mask
         if self.config.causal:
             implementation = getattr(self.bert.config, "_attn_implementation", "eager")
             mask = causal_attention_mask(attention_mask, additive=implementation == "eager")
-        out = self.bert(input_ids=input_ids, attention_mask=mask, output_hidden_states=True,
-                        use_cache=False)
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        if cls_at_end:
+            last = attention_mask.sum(dim=-1, keepdim=True).long() - 1  # (B, 1)
+            positions = positions.scatter(1, last, self.config.max_length - 1)
+        out = self.bert(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                        output_hidden_states=True, use_cache=False)
         return TextStates(hidden=out.last_hidden_state, embeddings=out.hidden_states[0])
 
     def global_embedding(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

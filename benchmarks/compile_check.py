@@ -17,8 +17,8 @@ specialised as ``triton.runtime.jit`` does (``native_specialize_impl``: pointer 
 16-byte alignment, int divisibility by 16, ints equal to 1 and None as constants).
 
 Cases (each in fp16, bf16 and fp32, the dtypes the launchers take):
-    infonce          D = 256, N = 1024: forward (column statistics and second-pass variant),
-                     dX and dT backward
+    infonce          D = 256, N = 1024: every config of the CUDA autotune space of the forward
+                     (column statistics and second-pass variant) and the fused backward
     attention_pool   shared queries over N = 312 keys, 8 heads: (Q = 10, D = 256) and
                      (Q = 128, D = 768), without and with a key padding mask; fwd and bwd
     local_loss       Qb = 10 beats, S = 18 sentences, D = 256: Gram, forward, both backwards
@@ -163,7 +163,7 @@ class Launch:
     constexprs: dict[str, Any]
     attrs: dict[tuple[int, ...], list]
     options: dict[str, Any]
-    grid: tuple
+    grid: tuple | Callable  # a callable grid takes the launch's meta-parameters
 
 
 class _Recorder:
@@ -193,7 +193,8 @@ class _Recorder:
                     constexprs[name] = value
                 elif isinstance(key, str) and key:
                     attrs[(index,)] = _parse_attr(key)
-            self.sink.append(Launch(self.kernel, signature, constexprs, attrs, options, tuple(grid)))
+            self.sink.append(Launch(self.kernel, signature, constexprs, attrs, options,
+                                   grid if callable(grid) else tuple(grid)))
 
         return record
 
@@ -248,19 +249,25 @@ def _record(case: Case, module: Any, kernels: list[str], hooks: list[str], run: 
 def infonce_cases(dtype: torch.dtype, dtype_name: str, num: int = 1024, dim: int = 256) -> list[Case]:
     from kernels import infonce as mod
 
-    kernels = ["_infonce_fwd_kernel", "_infonce_bwd_dx_kernel", "_infonce_bwd_dt_kernel"]
+    kernels = ["_infonce_fwd_kernel", "_infonce_bwd_kernel"]
     x, t = torch.randn(num, dim, dtype=dtype), torch.randn(num, dim, dtype=dtype)
     scale = torch.tensor(2.659, dtype=dtype)  # the logit_scale parameter shares the features' dtype
     vec = torch.zeros(num, dtype=torch.float32)
     weight = torch.ones(1, dtype=torch.float32)
+    cuda = torch.device("cuda")
 
-    def run() -> None:
-        mod._forward_pass(x, t, scale, 0, column_stats=True)
-        mod._forward_pass(x, t, scale, 0, column_stats=False)  # N above the column-buffer limit
-        mod.infonce_backward(x, t, scale, vec, vec, weight, vec + 1, diag_offset=0, grad_factor=1.0 / (2 * num))
+    def run() -> None:  # every config of the CUDA autotune space, forced one at a time
+        for config in mod._launch_configs("fwd", dim, dtype, cuda):
+            with mod.forced_launch_config(fwd=config):
+                mod._forward_pass(x, t, scale, 0, column_stats=True)
+                mod._forward_pass(x, t, scale, 0, column_stats=False)  # N above the column-buffer limit
+        for config in mod._launch_configs("bwd", dim, dtype, cuda):
+            with mod.forced_launch_config(bwd=config):
+                mod.infonce_backward(x, t, scale, (vec, vec, vec, vec), weight, vec + 1, diag_offset=0,
+                                     grad_factor=1.0 / (2 * num))
 
     label = f"N={num} D={dim}"
-    return [_record(Case("infonce", label, dtype_name), mod, kernels, ["_launch_config"], run)]
+    return [_record(Case("infonce", label, dtype_name), mod, kernels, ["_launch_configs"], run)]
 
 
 def attention_pool_cases(dtype: torch.dtype, dtype_name: str, batch: int) -> list[Case]:

@@ -37,8 +37,8 @@ dividing the upstream gradients by their largest magnitude, so |G| ≤ 2 whateve
 scale (fp16 under a scale of 2¹⁶ stays finite); 1/(2N), s and that magnitude multiply the
 fp32 accumulators.
 
-Launch: on CUDA, @triton.autotune picks tile width, warps and stages per (N_l, N, D,
-dtype) from ``_launch_configs``; the interpreter, or ``forced_launch_config``, runs one
+Launch: on CUDA, @triton.autotune picks tile sizes (BLOCK_N; BLOCK_M too in the backward),
+warps and stages per (N_l, N, D, dtype) from ``_launch_configs``; the interpreter, or ``forced_launch_config``, runs one
 fixed config (tests, compile_check.py). The single-process op is the torch.library custom
 op ``melp_kernels::infonce_forward`` (with its backward op), free of host synchronisation,
 so torch.compile(fullgraph=True) and CUDA graphs capture it.
@@ -212,22 +212,27 @@ _AUTOTUNERS: dict[tuple, object] = {}
 def _launch_configs(kind: str, dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
     """Launch configs of the "fwd" or "bwd" kernel; on CUDA the autotune space, default first.
 
-    All configs of one list share BLOCK_M and BLOCK_D (the host sizes buffers by them); BLOCK_N
-    divides the split granule (the largest BLOCK_N of the list).
+    Forward configs share BLOCK_M (the column-statistics buffer has a row per row block).
+    Every BLOCK_N divides the split granule (the largest BLOCK_N of the list). On sm_90 at
+    D = 256 no fp16/bf16 config spills registers (benchmarks/compile_check.py); fp32's
+    3×TF32 dots do at any tile that fits the shared memory.
     """
     block_d = feature_block(dim, "infonce_loss", MAX_BLOCK_D)
     if device.type != "cuda":
         return [{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}]
     if dtype == torch.float32:  # 3xTF32 dots stage split operands: 32-row tiles fit 227 KiB of shared memory
-        block_m, widths, warps, stages = 32, (32, 16), (4,), (2, 1)
+        tiles = [(32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)] if kind == "fwd" else \
+            [(16, 32, 4, 2), (32, 16, 8, 2), (32, 32, 4, 2)]
     elif kind == "fwd":  # small accumulators: (m, l) per row
-        block_m, widths, warps, stages = (64 if block_d <= 256 else 32), (64, 32), (4, 8), (3, 2)
-    else:  # a (BLOCK_M, BLOCK_D) fp32 dx accumulator plus a (BLOCK_N, BLOCK_D) dt tile per step
-        block_m, widths, warps, stages = (64 if block_d <= 128 else 32), (32, 64), (4, 8), (2, 1)
-    return [
-        {"BLOCK_M": block_m, "BLOCK_N": width, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": num_stages}
-        for width in widths for num_warps in warps for num_stages in stages
-    ]
+        block_m = 64 if block_d <= 256 else 32
+        tiles = [(block_m, n, w, s) for n in (64, 32) for w in (8, 4) for s in (3, 2)]
+    elif block_d <= 128:  # bwd: a (BLOCK_M, BLOCK_D) fp32 dx accumulator plus a (BLOCK_N, BLOCK_D) dt tile
+        tiles = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 3)]
+    elif block_d == 256:
+        tiles = [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1)]
+    else:
+        tiles = [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 4, 2)]
+    return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "num_warps": w, "num_stages": s} for m, n, w, s in tiles]
 
 
 @contextlib.contextmanager
@@ -250,7 +255,7 @@ def _kernel_and_configs(kind: str, x: torch.Tensor) -> tuple[object, list[dict[s
     configs = _launch_configs(kind, x.shape[1], x.dtype, x.device)
     if not x.is_cuda or len(configs) == 1:
         return kernel, configs[:1], dict(configs[0])
-    key = (kind, x.dtype, configs[0]["BLOCK_M"], configs[0]["BLOCK_D"])
+    key = (kind, x.dtype, configs[0]["BLOCK_D"])
     if key not in _AUTOTUNERS:
         _AUTOTUNERS[key] = triton.autotune(
             configs=[
@@ -264,9 +269,10 @@ def _kernel_and_configs(kind: str, x: torch.Tensor) -> tuple[object, list[dict[s
     return _AUTOTUNERS[key], configs, {}
 
 
-def _grid(num_rows: int, num_cols: int, configs: list[dict[str, int]], device: torch.device) -> tuple[int, int, int]:
-    """(row blocks, column splits, columns per split): about PROGRAMS_PER_SM programs per SM."""
-    num_row_blocks = triton.cdiv(num_rows, configs[0]["BLOCK_M"])
+def _grid(num_rows: int, num_cols: int, configs: list[dict[str, int]], device: torch.device) -> tuple[int, int]:
+    """(column splits, columns per split): about PROGRAMS_PER_SM programs per SM with the largest
+    BLOCK_M of ``configs`` (row blocks × splits; smaller row blocks only add programs)."""
+    num_row_blocks = triton.cdiv(num_rows, max(config["BLOCK_M"] for config in configs))
     granule = max(config["BLOCK_N"] for config in configs)
     if device.type == "cuda":
         target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -275,7 +281,7 @@ def _grid(num_rows: int, num_cols: int, configs: list[dict[str, int]], device: t
     num_granules = triton.cdiv(num_cols, granule)
     splits = max(1, min(num_granules, triton.cdiv(target, num_row_blocks)))
     cols_per_split = triton.cdiv(num_granules, splits) * granule
-    return num_row_blocks, triton.cdiv(num_cols, cols_per_split), cols_per_split
+    return triton.cdiv(num_cols, cols_per_split), cols_per_split
 
 
 def _check_kernels(x: torch.Tensor) -> None:
@@ -301,7 +307,8 @@ def _forward_pass(
     num_rows, dim = x.shape
     num_cols = t.shape[0]
     kernel, configs, meta = _kernel_and_configs("fwd", x)
-    num_row_blocks, num_splits, cols_per_split = _grid(num_rows, num_cols, configs, x.device)
+    num_row_blocks = triton.cdiv(num_rows, configs[0]["BLOCK_M"])
+    num_splits, cols_per_split = _grid(num_rows, num_cols, configs, x.device)
     row_stats = torch.empty(3, num_splits, num_rows, device=x.device, dtype=torch.float32)  # max, sum, diag
     col_shape = (num_row_blocks, num_cols) if column_stats else (1, 1)
     col_max = torch.empty(col_shape, device=x.device, dtype=torch.float32)
@@ -367,11 +374,12 @@ def infonce_backward(
     magnitude = torch.maximum(row_weight.abs().amax(), col_weight.abs().amax()).clamp_min(torch.finfo(torch.float32).tiny)
     out_factor = (logit_scale.detach().float().exp() * (grad_factor * magnitude)).reshape(1)
     kernel, configs, meta = _kernel_and_configs("bwd", x)
-    num_row_blocks, num_splits, cols_per_split = _grid(num_rows, num_cols, configs, x.device)
+    num_splits, cols_per_split = _grid(num_rows, num_cols, configs, x.device)
     dx = torch.zeros(num_rows, dim, device=x.device, dtype=torch.float32)
     dt = torch.zeros(num_cols, dim, device=x.device, dtype=torch.float32)
-    dscale_partial = torch.empty(num_row_blocks * num_splits, device=x.device, dtype=torch.float32)
-    kernel[(num_row_blocks, num_splits)](
+    max_row_blocks = triton.cdiv(num_rows, min(config["BLOCK_M"] for config in configs))
+    dscale_partial = torch.zeros(max_row_blocks * num_splits, device=x.device, dtype=torch.float32)
+    kernel[lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits)](
         x, t, logit_scale, row_lse2, col_lse2, torch.expm1(-LN2 * row_terms), torch.expm1(-LN2 * col_terms),
         (row_weight / magnitude).reshape(1), (col_weight / magnitude).contiguous(), out_factor,
         dx, dt, dscale_partial,

@@ -349,6 +349,7 @@ class WindowReads:
             self.mine[b * batch_size:(b + 1) * batch_size] = True
         self.remote = np.array([is_url(loc) for loc in shards.locations], dtype=bool)
         self.buffer: dict[tuple[int, int], tuple[str, dict[str, bytes]]] = {}
+        self.last_window: dict[tuple[int, int], int] = {}  # a pair's last loaded window (repeats)
         self.loaded: set[int] = set()
         self.cursors: dict[int, ShardCursor] = {}  # source -> its open cursor
         self.local: OrderedDict[int, ShardReader] = OrderedDict()
@@ -357,12 +358,10 @@ class WindowReads:
     def prepare(self, b: int) -> None:
         """Load the windows batch ``b`` draws from (and drop the ones before them)."""
         first, last = b * self.batch_size // self.window, ((b + 1) * self.batch_size - 1) // self.window
-        for window in sorted(self.loaded):
-            if window < first:
-                self.loaded.discard(window)
-                rows = slice(window * self.window, (window + 1) * self.window)
-                for pair in zip(self.plan.shard[rows].tolist(), self.plan.index[rows].tolist()):
-                    self.buffer.pop(pair, None)
+        if any(window < first for window in self.loaded):
+            self.loaded = {window for window in self.loaded if window >= first}
+            for pair in [p for p, window in self.last_window.items() if window < first]:
+                del self.buffer[pair], self.last_window[pair]
         for window in range(first, last + 1):
             if window not in self.loaded:
                 self._load(window)
@@ -373,7 +372,8 @@ class WindowReads:
         rows = rows[self.mine[rows] & self.remote[self.plan.shard[rows]]]
         rows = rows[np.argsort(self.plan.position[rows], kind="stable")]  # the reading order
         for shard, index in zip(self.plan.shard[rows].tolist(), self.plan.index[rows].tolist()):
-            if (shard, index) in self.buffer:
+            self.last_window[(shard, index)] = window
+            if (shard, index) in self.buffer:  # a repeat of a sample an earlier window holds
                 continue
             source = self.shards.source_of[shard]
             cursor = self.cursors.get(source)

@@ -169,3 +169,18 @@ def test_missing_manifest_and_unknown_shard(server, tokenizer, monkeypatch):
         stream(tokenizer, shards=base + "train-00000{0,9}.tar")
     with pytest.raises(ValueError, match="verify"):
         stream(tokenizer, shards=base, verify=True)
+
+
+def test_tiny_set_with_repeats_shared_by_windows(server, tokenizer):
+    """5 samples, batches of 2, windows of 3: the epoch's repeated first sample sits in two
+    windows that are buffered at once; the stream still equals the folder's batches."""
+    folder, base = server
+    make_shards(folder, (2, 3))
+    for num_workers in (0, 2):
+        settings = {"world_size": 1, "batch_size": 2, "shuffle_window": 3, "num_workers": num_workers}
+        local = stream(tokenizer, shard_dir=str(folder), **settings)
+        streamed = stream(tokenizer, shards=base, **settings)
+        for _ in range(3):
+            expected, got = epoch_batches(local), epoch_batches(streamed)
+            assert len(got) == len(expected) == 3
+            assert all(same_batch(a, b) for a, b in zip(got, expected))

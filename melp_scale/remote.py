@@ -34,6 +34,7 @@ run gives the same batches from a bucket as from a folder:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -164,6 +165,16 @@ class PlannedShardSet(ShardSet):
     @property
     def num_samples(self) -> int:
         return sum(self.sizes[i] if k is None else len(k) for i, k in enumerate(self.kept))
+
+    @property
+    def plan_id(self) -> str:
+        """What a resume must find unchanged beyond the sample count: '' when the plan is the
+        folder's (one source, nothing excluded: a run may move between folder and URLs)."""
+        if len(self.source_names) == 1 and all(k is None for k in self.kept):
+            return ""
+        payload = [self.names, self.sizes, [None if k is None else list(k) for k in self.kept],
+                   self.source_names, list(getattr(self, "weights", ()))]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def epoch_pairs(self, seed: int, epoch: int, shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's flat list ``(shard, index)``: shards in ``stream.epoch_order``, samples

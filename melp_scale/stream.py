@@ -521,13 +521,17 @@ class StreamLoader:
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed,
                 "seed": self.config.seed, "batch_size": self.config.batch_size,
                 "world_size": self.world_size, "split": self.config.split,
-                "num_samples": self.shards.num_samples, "num_bad_samples": self.num_bad_samples}
+                "num_samples": self.shards.num_samples, "num_bad_samples": self.num_bad_samples,
+                "plan_id": getattr(self.shards, "plan_id", "")}  # melp_scale.remote / mixing
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``'s position; raises ValueError when the plan would differ."""
         check_resume_state(state, self.state_dict(),
                            ("seed", "batch_size", "world_size", "split", "num_samples"),
                            self.num_batches)
+        if state.get("plan_id", "") != getattr(self.shards, "plan_id", ""):
+            raise ValueError("cannot resume exactly: the saved run mixed other sources, weights or "
+                             "exclusions (StreamConfig.sources / exclude)")
         self.epoch, self.batches_consumed = state["epoch"], state["batches_consumed"]
         self.num_bad_samples = state.get("num_bad_samples", 0)
 

@@ -146,3 +146,15 @@ def test_trainer_reads_data_sources(tmp_path):
     train, val = MELPTask(config).build_loaders(Placement(0, 1, torch.device("cpu")), 4)
     assert train.shards.epoch_counts().tolist() == [18, 6] and train.source_names == ("a", "b")
     assert val is not None and val.shards.num_samples == 5
+
+
+def test_resume_refuses_changed_weights(tmp_path, tokenizer):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    make_shards(a, (10, 6))
+    make_shards(b, (8, 8))  # the same total: only the weights differ
+    state = mixed(tokenizer, [{"shards": str(a), "weight": 0.5}, {"shards": str(b), "weight": 0.5}]).state_dict()
+    with pytest.raises(ValueError, match="weights"):
+        mixed(tokenizer, [{"shards": str(a), "weight": 0.8}, {"shards": str(b), "weight": 0.2}]).load_state_dict(state)
+    same = mixed(tokenizer, [{"shards": str(a), "weight": 0.5}, {"shards": str(b), "weight": 0.5}])
+    same.load_state_dict(state)  # unchanged: accepted

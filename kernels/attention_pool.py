@@ -20,7 +20,12 @@ Kernels (no Q × N or N × N tensor is ever stored; P lives one BLOCK_N chunk at
                                 and dO, then per key chunk P recomputed from lse, dV and dK
                                 written directly (each key chunk belongs to one program), dq
                                 accumulated in fp32 registers over the chunks — and, for shared
-                                queries, over the group's samples.
+                                queries, over the group's samples. Large tiles (BLOCK_M·BLOCK_D
+                                > 64², the caption pooler) run it as two passes, dK/dV then dq
+                                (constexprs WITH_DKV / WITH_DQ), which avoids register spills.
+Registered with torch.library (``melp_kernels::attention_pool`` and its backward): no host sync
+inside (an all-padded mask row is checked with torch._assert_async on CUDA), torch.compile
+traces it with fullgraph=True, CUDA graphs capture it; double backward raises.
 Shared queries: dq = Σ_b dq_b. Each program sums its group of BATCH_PER_PROGRAM samples on
 chip and writes one fp32 (Q, D) slice of a (num_groups, Q, D) buffer, summed by torch. The
 group size keeps about TARGET_PROGRAMS programs in the grid (enough to fill an H100) while
@@ -28,8 +33,8 @@ shrinking the buffer: B = 1024, 8 heads gives groups of 8, 128 slices (50 MB at 
 D = 768, instead of the 400 MB of a (B, Q, D) buffer). fp32 atomics on one (Q, D) buffer
 would need no buffer but make dq non-deterministic and serialise B-way on each address.
 Per-sample queries: groups of one sample; dq is written straight into the (B, Q, D) output.
-Work: forward 2 QNd multiply-adds per (b, h), backward 4 (recomputed S, dP, dV, dK, dq: 5
-with the recomputation); K and V are read once by each pass, so the op is bandwidth-bound
+Work: forward 2 QNd multiply-adds per (b, h), backward 5 (recomputed S, dP, dV, dK, dq; 7
+when split: S and dP again for dq); K and V are read once by each pass, so the op is bandwidth-bound
 (≈ Q FLOP/byte, under an H100's ridge for Q = 10 and 128).
 
 Numerics: scores in base 2 (log2(e)/√d folded into one scale, exp2), softmax statistics, O's
@@ -56,6 +61,7 @@ from kernels._utils import (
     next_power_of_2,
     require_interpreted,
     resolve_impl,
+    uses_cuda_launch_configs,
     validate_attention_pool,
 )
 
@@ -63,6 +69,7 @@ MAX_BLOCK_D = 256  # head dims up to 256 (the pooler's are 32 and 96)
 MAX_QUERIES = 256  # all queries of a (b, h) are held by one program
 TARGET_PROGRAMS = 1024  # backward grid size aimed at when grouping samples of shared queries
 LOG2E = 1.4426950408889634
+SPLIT_DQ_BLOCK_N = 16  # key chunk of the split backward's dq pass: no spills at 128 × 128, 8 warps (bf16/fp16)
 
 
 @triton.jit
@@ -126,10 +133,12 @@ def _attention_pool_bwd_kernel(
     stride_ob, stride_om, stride_dob, stride_dom, stride_lb, stride_lh,
     stride_dqb, stride_dqm, stride_dkb, stride_dkn, stride_dvb, stride_dvn,
     BATCH_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, WITH_DKV: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
     # P = exp(S − lse);  Δ = rowsum(dO∘O);  dV = Pᵀ·dO;  dS = P∘(dO·Vᵀ − Δ);  dK = dSᵀ·q/√d;
-    # dq[group] = Σ_{b∈group} dS_b·K_b/√d
+    # dq[group] = Σ_{b∈group} dS_b·K_b/√d.  WITH_DKV / WITH_DQ: which gradients this launch
+    # writes (both: one pass; large tiles run two passes so dq's accumulator is not live
+    # next to dK and dV's)
     group = tl.program_id(0)
     h = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -161,22 +170,25 @@ def _attention_pool_bwd_kernel(
             s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale2  # (BLOCK_M, BLOCK_N)
             p = tl.exp2(s2 - lse2[:, None])
             p = tl.where(m_mask[:, None] & valid[None, :], p, 0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
             ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
-            dq_acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-            tl.store(dk_ptr + b * stride_dkb + offs_n[:, None] * stride_dkn + cols[None, :],
-                     dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-            tl.store(dv_ptr + b * stride_dvb + offs_n[:, None] * stride_dvn + cols[None, :],
-                     dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(
-        dq_ptr + group.to(tl.int64) * stride_dqb + offs_m[:, None] * stride_dqm + cols[None, :],
-        (dq_acc * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask,
-    )
+            if WITH_DQ:
+                dq_acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            if WITH_DKV:
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_D)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
+                tl.store(dk_ptr + b * stride_dkb + offs_n[:, None] * stride_dkn + cols[None, :],
+                         dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+                tl.store(dv_ptr + b * stride_dvb + offs_n[:, None] * stride_dvn + cols[None, :],
+                         dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    if WITH_DQ:
+        tl.store(
+            dq_ptr + group.to(tl.int64) * stride_dqb + offs_m[:, None] * stride_dqm + cols[None, :],
+            (dq_acc * scale).to(dq_ptr.dtype.element_ty), mask=qd_mask,
+        )
 
 
-def _launch_config(num_queries: int, head_dim: int, dtype: torch.dtype,
+def _launch_config(num_queries: int, head_dim: int, dtype: torch.dtype, backward: bool,
                    device: torch.device) -> dict[str, int]:
     if num_queries > MAX_QUERIES:
         raise ValueError(
@@ -185,11 +197,17 @@ def _launch_config(num_queries: int, head_dim: int, dtype: torch.dtype,
         )
     block_m = max(16, next_power_of_2(num_queries))
     block_d = feature_block(head_dim, "attention_pool", MAX_BLOCK_D)
-    if device.type != "cuda":  # the interpreter: fewer, larger chunks run faster
-        return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_D": block_d,
-                "DOT_PRECISION": dot_precision(dtype), "num_warps": 4, "num_stages": 1}
+    if not uses_cuda_launch_configs(device):  # the interpreter: fewer, larger chunks run faster
+        return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_D": block_d, "DOT_PRECISION": dot_precision(dtype),
+                "num_warps": 4, "num_stages": 1, **({"SPLIT_BACKWARD": False} if backward else {})}
     tile = block_m * block_d  # registers per program grow with the resident (BLOCK_M, BLOCK_D) tiles
+    # the fused backward holds q, dO (input dtype), dq's fp32 accumulator and dK, dV chunks per
+    # (b, h) in registers: at 128 × 128 (the caption pooler) that spills in fp16/bf16 whatever the
+    # warps and chunk (compile_check), so large tiles run it as two passes (dK, dV; then dq on
+    # SPLIT_DQ_BLOCK_N-key chunks), recomputing S and dP: 7 instead of 5 QNd multiply-adds, no spills
     block_n = 64 if tile <= 64 * 64 else 32
+    num_warps = 4 if tile <= 64 * 64 else 8
+    split = backward and tile > 64 * 64
     precision, num_stages = dot_precision(dtype), 3
     if dtype == torch.float32 and tile > 64 * 64:
         # 3xTF32 stages split fp32 operands: the caption pooler's backward (128 queries x 128)
@@ -197,7 +215,7 @@ def _launch_config(num_queries: int, head_dim: int, dtype: torch.dtype,
         # exact fp32 FMA dots on smaller key chunks fit (fp32 is the checking path, bf16 trains)
         precision, block_n, num_stages = "ieee", 16, 1
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "DOT_PRECISION": precision,
-            "num_warps": 4 if tile <= 64 * 64 else 8, "num_stages": num_stages}
+            "num_warps": num_warps, "num_stages": num_stages, **({"SPLIT_BACKWARD": split} if backward else {})}
 
 
 def _check_kernels(keys: torch.Tensor) -> None:
@@ -233,7 +251,7 @@ def attention_pool_forward(
     batch, num_keys, dim = keys.shape
     num_queries = queries.shape[-2]
     head_dim = dim // num_heads
-    config = _launch_config(num_queries, head_dim, keys.dtype, keys.device)
+    config = _launch_config(num_queries, head_dim, keys.dtype, False, keys.device)
     out = torch.empty(batch, num_queries, dim, device=keys.device, dtype=values.dtype)
     lse = torch.empty(batch, num_heads, num_queries, device=keys.device, dtype=torch.float32)
     mask, stride_mb = _mask_args(keys, key_padding_mask)
@@ -265,7 +283,7 @@ def attention_pool_backward(
     num_queries = queries.shape[-2]
     head_dim = dim // num_heads
     shared = queries.ndim == 2
-    config = _launch_config(num_queries, head_dim, keys.dtype, keys.device)
+    config = _launch_config(num_queries, head_dim, keys.dtype, True, keys.device)
     group_size = batch_per_program(batch, num_heads, shared)
     num_groups = triton.cdiv(batch, group_size)
     # shared: one fp32 partial dq per group, summed below; per-sample: dq written in place
@@ -274,9 +292,23 @@ def attention_pool_backward(
     dk = torch.empty(batch, num_keys, dim, device=keys.device, dtype=keys.dtype)
     dv = torch.empty(batch, num_keys, dim, device=keys.device, dtype=values.dtype)
     mask, stride_mb = _mask_args(keys, key_padding_mask)
+    split = config.pop("SPLIT_BACKWARD")
+    for with_dkv, with_dq in ((True, False), (False, True)) if split else ((True, True),):
+        pass_config = {**config, "BLOCK_N": SPLIT_DQ_BLOCK_N} if split and with_dq else config
+        _attention_pool_bwd_pass(queries, keys, values, mask, stride_mb, out, grad_out, lse, dq, dk, dv,
+                                 num_heads, shared, group_size, num_groups, pass_config, with_dkv, with_dq)
+    if shared:
+        dq = dq.sum(0).to(queries.dtype)  # (Q, D)
+    return dq, dk, dv
+
+
+def _attention_pool_bwd_pass(queries, keys, values, mask, stride_mb, out, grad_out, lse, dq, dk, dv,
+                             num_heads, shared, group_size, num_groups, config, with_dkv, with_dq) -> None:
+    batch, num_keys, dim = keys.shape
+    head_dim = dim // num_heads
     _attention_pool_bwd_kernel[(num_groups, num_heads)](
         queries, keys, values, mask, out, grad_out, lse, dq, dk, dv,
-        batch=batch, num_queries=num_queries, num_keys=num_keys, head_dim=head_dim,
+        batch=batch, num_queries=queries.shape[-2], num_keys=num_keys, head_dim=head_dim,
         scale=1.0 / math.sqrt(head_dim), scale2=LOG2E / math.sqrt(head_dim),
         stride_qb=0 if shared else queries.stride(0), stride_qm=queries.stride(-2),
         stride_kb=keys.stride(0), stride_kn=keys.stride(1), stride_vb=values.stride(0), stride_vn=values.stride(1),
@@ -285,38 +317,59 @@ def attention_pool_backward(
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
         stride_dqb=dq.stride(0), stride_dqm=dq.stride(1), stride_dkb=dk.stride(0), stride_dkn=dk.stride(1),
         stride_dvb=dv.stride(0), stride_dvn=dv.stride(1),
-        BATCH_PER_PROGRAM=group_size, HAS_MASK=key_padding_mask is not None, **config,
+        BATCH_PER_PROGRAM=group_size, HAS_MASK=mask is not keys, WITH_DKV=with_dkv, WITH_DQ=with_dq, **config,
     )
-    if shared:
-        dq = dq.sum(0).to(queries.dtype)  # (Q, D)
-    return dq, dk, dv
 
 
-class AttentionPoolFunction(torch.autograd.Function):
-    """Fused multi-head attention pooling; saves the inputs, O and lse (B, H, Q) fp32."""
+# --- torch.library registration: opaque to torch.compile (fake shapes), capturable by CUDA graphs ----
 
-    @staticmethod
-    def forward(
-        ctx,
-        queries: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        num_heads: int,
+
+def _define_ops() -> tuple:
+    @torch.library.custom_op("melp_kernels::attention_pool", mutates_args=())
+    def attention_pool_op(
+        queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_heads: int,
         key_padding_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        queries, keys, values = contiguous(queries), contiguous(keys), contiguous(values)
-        out, lse = attention_pool_forward(queries, keys, values, num_heads, key_padding_mask)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_pool_forward(queries, keys, values, num_heads, key_padding_mask)
+
+    @attention_pool_op.register_fake
+    def _(queries, keys, values, num_heads, key_padding_mask):
+        batch, _, dim = keys.shape
+        num_queries = queries.shape[-2]
+        return (values.new_empty(batch, num_queries, dim),
+                keys.new_empty(batch, num_heads, num_queries, dtype=torch.float32))
+
+    @torch.library.custom_op("melp_kernels::attention_pool_backward", mutates_args=())
+    def attention_pool_backward_op(
+        queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_heads: int,
+        key_padding_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return attention_pool_backward(queries, keys, values, num_heads, key_padding_mask, out, lse, grad_out)
+
+    @attention_pool_backward_op.register_fake
+    def _(queries, keys, values, num_heads, key_padding_mask, out, lse, grad_out):
+        return torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(values)
+
+    def setup_context(ctx, inputs, output) -> None:
+        queries, keys, values, num_heads, key_padding_mask = inputs
+        out, lse = output
         ctx.save_for_backward(queries, keys, values, key_padding_mask, out, lse)
         ctx.num_heads = num_heads
-        return out
+        ctx.mark_non_differentiable(lse)
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+    def backward(ctx, grad_out, _grad_lse):
+        # the backward op has no autograd formula: differentiating it (double backward) raises
         queries, keys, values, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_pool_backward(
-            queries, keys, values, ctx.num_heads, key_padding_mask, out, lse, contiguous(grad_out),
-        )
+        dq, dk, dv = attention_pool_backward_op(
+            queries, keys, values, ctx.num_heads, key_padding_mask, out, lse, contiguous(grad_out))
         return dq, dk, dv, None, None
+
+    attention_pool_op.register_autograd(backward, setup_context=setup_context)
+    return attention_pool_op, attention_pool_backward_op
+
+
+if "_OPS" not in globals():  # importlib.reload (tests/kernel_utils.use_triton_interpreter) must not redefine
+    _OPS = _define_ops()
 
 
 def attention_pool(
@@ -334,4 +387,6 @@ def attention_pool(
     validate_attention_pool(queries, keys, values, num_heads, key_padding_mask)
     if resolve_impl(impl, "attention_pool", [queries, keys, values], has_triton=True) == "reference":
         return reference.attention_pool(queries, keys, values, num_heads, key_padding_mask)
-    return AttentionPoolFunction.apply(queries, keys, values, num_heads, key_padding_mask)
+    queries, keys, values = contiguous(queries), contiguous(keys), contiguous(values)
+    out, _ = _OPS[0](queries, keys, values, num_heads, key_padding_mask)
+    return out

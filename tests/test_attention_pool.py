@@ -16,6 +16,7 @@ pairwise-covering half of their eight combinations.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -33,6 +34,7 @@ from tests.kernel_utils import (
     INTERPRETER_HINT,
     assert_rel_close,
     fresh_seed,
+    gpu_numerics,
     poisoned_allocations,
     use_triton_interpreter,
 )
@@ -211,3 +213,48 @@ def test_reference_equals_sdpa_per_head(shared: bool) -> None:
     for name, g, g_sdpa in zip(("dq", "dk", "dv"), torch.autograd.grad(out, inputs, grad_out),
                                torch.autograd.grad(sdpa, inputs, grad_out)):
         assert_rel_close(name, g, g_sdpa, 1e-12, context)
+
+
+# the launchers' CUDA configurations, on the interpreter with the bf16 shim (on a GPU: as is):
+# (Q, N, D, heads) = the small-tile fused backward (BLOCK_M 16, 64-key chunks) and a large tile
+# (BLOCK_M 128 × BLOCK_D 64) that takes the split two-pass backward; N = 37 leaves partial chunks
+GPU_CONFIG_SHAPES = [(10, 37, 64, 2), (65, 37, 96, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("num_queries,num_keys,dim,num_heads", GPU_CONFIG_SHAPES)
+def test_attention_pool_cuda_configs_low_precision(num_queries: int, num_keys: int, dim: int, num_heads: int,
+                                                   dtype: torch.dtype) -> None:
+    """bf16 and fp16 through the tile sizes a GPU runs, against float64 (issue 16, item 5)."""
+    context = gpu_numerics() if DEVICE == "cpu" else contextlib.nullcontext()
+    with context:
+        split = pool_op._launch_config(num_queries, dim // num_heads, dtype, True, torch.device(DEVICE))
+        assert split["SPLIT_BACKWARD"] == (num_queries > 64), split  # both backward structures are covered
+        _check(2, num_queries, num_keys, dim, num_heads, num_queries % 2 == 1, True, dtype)
+
+
+def test_attention_pool_double_backward_raises() -> None:
+    """The backward is not differentiable: a second derivative must raise, not be silently wrong."""
+    queries, keys, values, _ = _inputs(2, 4, 9, 32, True, False, torch.float32)
+    inputs = [t.requires_grad_() for t in (queries, keys, values)]
+    out = pool_op.attention_pool(*inputs, 2, impl="triton")
+    grads = torch.autograd.grad((out * out).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(sum(g.sum() for g in grads), inputs)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_attention_pool_compiles_fullgraph(impl: str) -> None:
+    """No host sync: the op (with a padding mask) traces with fullgraph=True, forward and backward."""
+    seed = fresh_seed()
+    queries, keys, values, mask = _inputs(3, 4, 21, 32, False, True, torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, m: pool_op.attention_pool(q, k, v, 2, m, impl=impl),
+                             fullgraph=True, backend="aot_eager")
+    inputs = [t.detach().clone().requires_grad_() for t in (queries, keys, values)]
+    grad_out = torch.randn(3, 4, 32, device=DEVICE)
+    out = compiled(*inputs, mask)
+    out.backward(grad_out)
+    ref = _reference_grads(queries, keys, values, 2, mask, grad_out)
+    for name, value, expected in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in inputs], ref):
+        assert_rel_close(name, value, expected, TOLERANCES[torch.float32][1], f"seed={seed} compiled {impl}")

@@ -101,17 +101,19 @@ def test_url_forms():
         remote.manifest_url("http://h/a/data")
 
 
-@pytest.mark.parametrize("form", ["base", "brace", "pipe"])
+@pytest.mark.parametrize("form", ["base", "brace", "pipe", "folder"])
 def test_streamed_equals_local_two_ranks(server, tokenizer, form):
     folder, base = server
     make_shards(folder, SIZES)
     shards = {"base": base,
               "brace": base + "train-{000000..000004}.tar",
-              "pipe": [f"pipe:cat {folder}/train-{i:06d}.tar" for i in range(5)]}[form]
+              "pipe": [f"pipe:cat {folder}/train-{i:06d}.tar" for i in range(5)],
+              "folder": str(folder)}[form]
     for rank in range(2):
         local = stream(tokenizer, rank, shard_dir=str(folder))
         streamed = stream(tokenizer, rank, shards=shards, num_workers=2 if rank else 0)
-        assert len(streamed) == len(local) and type(streamed.shards).__name__ == "PlannedShardSet"
+        planned = type(streamed.shards).__name__ == "PlannedShardSet"
+        assert len(streamed) == len(local) and planned == (form != "folder")
         for _ in range(2):  # two epochs: a new shard order and new windows
             expected, got = epoch_batches(local), epoch_batches(streamed)
             assert len(got) == len(expected)

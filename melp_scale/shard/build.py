@@ -52,7 +52,7 @@ _OURS = re.compile(r"^(manifest\.json|\.build|\.lock|(train|val)-\d{6}\.tar)(\.\
 class BuildConfig:
     """One shard build (``python -m melp_scale.shard build``)."""
 
-    source: str  # dataset layout: mimic-iv-ecg, ptbxl, challenge, wfdb-dir, synthetic
+    source: str  # dataset layout: mimic-iv-ecg, ptbxl, challenge, wfdb-dir, synthetic, code15
     out: str  # output folder (shards/NAME)
     root: str | None = None  # dataset folder (all sources but synthetic)
     val_fraction: float = 0.02  # share of subjects (patients) in the validation split

@@ -75,6 +75,7 @@ from kernels._utils import (
     feature_block,
     require_interpreted,
     resolve_impl,
+    uses_cuda_launch_configs,
     validate_infonce,
 )
 
@@ -218,7 +219,7 @@ def _launch_configs(kind: str, dim: int, dtype: torch.dtype, device: torch.devic
     3×TF32 dots do at any tile that fits the shared memory.
     """
     block_d = feature_block(dim, "infonce_loss", MAX_BLOCK_D)
-    if device.type != "cuda":
+    if not uses_cuda_launch_configs(device):  # the interpreter (unless a test forces the CUDA configs)
         return [{"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": block_d, "num_warps": 4, "num_stages": 1}]
     if dtype == torch.float32:  # 3xTF32 dots stage split operands: 32-row tiles fit 227 KiB of shared memory
         tiles = [(32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)] if kind == "fwd" else \

@@ -126,10 +126,11 @@ class MixedShardSet(PlannedShardSet):
 
 
 def load_mixed_set(sources: Sequence[dict[str, Any] | SourceSpec], split: str,
-                   exclude: str | None = None, weighted: bool = True) -> MixedShardSet:
+                   exclude: str | None = None, weighted: bool = True, verify: bool = False,
+                   rank: int = 0, world_size: int = 1) -> MixedShardSet:
     """The split of every source, less excluded samples, as one :class:`MixedShardSet`."""
     specs = parse_sources(sources)
-    sets = [load_set(spec.shards, split, exclude) for spec in specs]
+    sets = [load_set(spec.shards, split, exclude, verify, rank, world_size) for spec in specs]
     lengths = {spec.name: s.settings.get("num_samples") for spec, s in zip(specs, sets)}
     if len({v for v in lengths.values() if v is not None}) > 1:
         raise ValueError(f"data.sources: samples of different lengths {lengths}: rebuild with one "

@@ -50,7 +50,7 @@ from torch.utils.data import get_worker_info
 
 from melp_scale.shard.format import MEMBERS
 from melp_scale.stream import (MANIFEST_FORMAT, ShardReader, ShardSet, ShardStream, _decode_npy,
-                               epoch_order, rank_plan)
+                               epoch_order, load_shard_set, rank_plan)
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ def load_planned_set(spec: str | Sequence[str], split: str, exclude: dict[str, l
         manifest, where = read_manifest(spec if isinstance(spec, str) else list(spec)[0])
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{where}: format is {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    entries = {e["name"]: e for e in manifest["shards"] if e.get("split") == split and e["num_samples"] > 0}
+    entries = {e["name"]: e for e in manifest["shards"]
+               if e.get("split") == split and e["num_samples"] > 0}
     if isinstance(spec, str) and not is_url(spec):  # a folder
         locations = {name: os.path.join(spec, name) for name in entries}
         for name, path in locations.items():
@@ -238,7 +239,8 @@ def load_planned_set(spec: str | Sequence[str], split: str, exclude: dict[str, l
         for url in expand_urls(spec):
             name = shard_name(url)
             if not any(e["name"] == name for e in manifest["shards"]):
-                raise ValueError(f"StreamConfig.shards: {url} names shard {name}, which {where} does not list")
+                raise ValueError(f"StreamConfig.shards: {url} names shard {name}, which {where} "
+                                 "does not list")
             if name in entries:
                 locations[name] = url
     names = [e["name"] for e in manifest["shards"] if e["name"] in locations]  # manifest order
@@ -334,7 +336,8 @@ def decode_members(name: str, key: str, members: dict[str, bytes]) -> tuple[str,
     except Exception as error:
         raise ValueError(f"shard {name}: sample {key!r} cannot be decoded: {error}") from error
     if ecg.dtype != np.int16 or ecg.ndim != 2 or ecg.shape[0] != 12:
-        raise ValueError(f"shard {name}: sample {key!r} ecg is {ecg.dtype} {ecg.shape}, expected int16 (12, T)")
+        raise ValueError(f"shard {name}: sample {key!r} ecg is {ecg.dtype} {ecg.shape}, "
+                         "expected int16 (12, T)")
     return key, ecg, meta, report
 
 
@@ -451,28 +454,30 @@ PlannedShardSet.stream_class = PlannedShardStream  # what StreamLoader iterates 
 def open_shard_set(config: Any, rank: int, world_size: int) -> ShardSet:
     """The shard set a ``StreamConfig`` names: a folder as ``stream.load_shard_set`` reads it,
     URLs, a weighted mix of sets (``melp_scale.mixing``), each less its excluded samples."""
-    from melp_scale.stream import load_shard_set
-
     if config.sources:
         from melp_scale.mixing import load_mixed_set
 
         return load_mixed_set(config.sources, config.split, config.exclude,
-                              weighted=config.split == "train")
+                              weighted=config.split == "train", verify=config.verify, rank=rank,
+                              world_size=world_size)
     spec = config.shards if config.shards is not None else config.shard_dir
-    local = isinstance(spec, str) and not is_url(spec)
-    if local and not config.exclude:
+    if isinstance(spec, str) and not is_url(spec) and not config.exclude:
         return load_shard_set(spec, config.split, config.verify, rank, world_size)
-    if config.verify and not local:
-        raise ValueError("StreamConfig.verify hashes whole shards: run `python -m melp_scale.shard "
-                         "verify` on the store's copy instead of verifying remote shards at start")
-    return load_set(spec, config.split, config.exclude)
+    return load_set(spec, config.split, config.exclude, config.verify, rank, world_size)
 
 
-def load_set(spec: str | Sequence[str], split: str, exclude_path: str | None) -> PlannedShardSet:
+def load_set(spec: str | Sequence[str], split: str, exclude_path: str | None, verify: bool = False,
+             rank: int = 0, world_size: int = 1) -> PlannedShardSet:
     """One shard set (folder or URLs) as a :class:`PlannedShardSet`, less the samples the
-    exclusion list ``exclude_path`` names for it."""
+    exclusion list ``exclude_path`` names for it. A folder gets ``stream.load_shard_set``'s
+    checks (files, sizes, and sha256 with ``verify``); URLs cannot be verified at start."""
     from melp_scale.shard.dedupe import excluded_samples
 
+    if isinstance(spec, str) and not is_url(spec):
+        load_shard_set(spec, split, verify, rank, world_size)
+    elif verify:
+        raise ValueError("StreamConfig.verify hashes whole shards: run `python -m melp_scale.shard "
+                         "verify` on the store's copy instead of verifying remote shards at start")
     manifest, where = read_manifest(spec if isinstance(spec, str) else list(spec)[0])
     exclude = excluded_samples(exclude_path, manifest) if exclude_path else None
     return load_planned_set(spec, split, exclude, manifest, where)

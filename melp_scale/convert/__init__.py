@@ -109,7 +109,7 @@ def _text_model_for(conversion: Conversion, text_model: str | None, hparams: dic
                     ecg_only: bool) -> str:
     if text_model:
         return text_model
-    if not ecg_only and isinstance(hparams.get("text_encoder_name"), str):
+    if isinstance(hparams.get("text_encoder_name"), str):  # a Lightning checkpoint names it
         return hparams["text_encoder_name"]
     what = ("the ECG-tower-only release needs a text encoder" if ecg_only
             else "the checkpoint does not name its text model; its tokenizer is needed")

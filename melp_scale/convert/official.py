@@ -168,7 +168,7 @@ def find_prefixes(keys: list[str]) -> dict[str, str]:
                 if at == 0 or (at > 0 and key[at - 1] == "."):
                     roots.add(key[:at])
         if len(roots) == 1:
-            prefixes["root"] = roots[0]
+            prefixes["root"] = roots.pop()
     return prefixes
 
 

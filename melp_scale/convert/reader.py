@@ -27,46 +27,32 @@ INERT_MODULE_PREFIXES = ("lightning", "pytorch_lightning", "lightning_fabric", "
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class Inert(dict):
-    """Stand-in for a non-tensor object of a checkpoint: keeps its arguments and state, runs
-    nothing. A dict so that pickled mappings (e.g. Lightning's AttributeDict) fill it too."""
+class Inert:
+    """Stand-in for a non-tensor object of a checkpoint: constructing it (however the pickle asks)
+    yields a plain empty dict, which the pickle may fill with its items (e.g. Lightning's
+    AttributeDict); nothing of the original class runs."""
 
     def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-        self.__dict__["inert_args"] = args
-
-    def __setstate__(self, state) -> None:
-        self.__dict__["inert_state"] = state
-
-    def __call__(self, *args, **kwargs) -> "Inert":
-        return Inert(*args)
+        return {}
 
 
-def _numpy_globals(name: str):
-    """The numpy object for an allowlisted numpy global name, else None."""
+def _numpy_allowlist() -> list:
+    """numpy scalars, dtypes and dtype classes: plain data (a float64 hyper-parameter)."""
     import numpy as np
 
-    module, _, attribute = name.rpartition(".")
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and attribute == "scalar":
-        return np.core.multiarray.scalar if hasattr(np, "core") else np._core.multiarray.scalar
-    if name == "numpy.dtype":
-        return np.dtype
-    if module == "numpy.dtypes" and attribute.endswith("DType"):
-        return getattr(np.dtypes, attribute, None)
-    return None
+    core = getattr(np, "_core", None) or np.core
+    allowed: list = [(core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+                     (core.multiarray.scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return allowed
 
 
 def _restricted_allowlist(path: str) -> list:
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    allowed, refused = [], []
-    for name in names:
-        numpy_object = _numpy_globals(name)
-        if numpy_object is not None:
-            allowed.append((numpy_object, name))
-        elif name.split(".")[0] in INERT_MODULE_PREFIXES:
+    allowed, refused = _numpy_allowlist(), []
+    for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+        if name.startswith("numpy."):
+            continue  # covered above, or refused by torch.load itself
+        if name.split(".")[0] in INERT_MODULE_PREFIXES:
             allowed.append((type(name.rpartition(".")[2], (Inert,), {}), name))
         else:
             refused.append(name)
@@ -85,7 +71,10 @@ def load_torch_file(path: str) -> Any:
         if "weights_only" not in str(first) and "Unsupported global" not in str(first):
             raise ValueError(f"{path}: cannot be read as a torch checkpoint: {first}") from first
     with torch.serialization.safe_globals(_restricted_allowlist(path)):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{path}: cannot be read safely (weights_only): {error}") from error
 
 
 def _is_state_dict(value: Any) -> bool:

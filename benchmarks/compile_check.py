@@ -203,6 +203,8 @@ class _Recorder:
 def recording(module: Any, kernel_names: list[str], sink: list[Launch], gpu_hooks: list[str]):
     """Record ``module``'s kernel launches; its ``gpu_hooks`` (functions taking a device last)
     see a CUDA device, and its ``_check_kernels`` is a no-op (the kernels are not interpreted)."""
+    from kernels import _utils
+
     specialize = _specializer()
     saved = {}
     cuda = torch.device("cuda")
@@ -219,7 +221,11 @@ def recording(module: Any, kernel_names: list[str], sink: list[Launch], gpu_hook
             setattr(module, name, on_cuda(saved[name]))
         saved["_check_kernels"] = module._check_kernels
         module._check_kernels = lambda *args: None
-        yield
+        forced, _utils.FORCE_CUDA_LAUNCH_CONFIGS = _utils.FORCE_CUDA_LAUNCH_CONFIGS, True
+        try:
+            yield
+        finally:
+            _utils.FORCE_CUDA_LAUNCH_CONFIGS = forced
     finally:
         for name, value in saved.items():
             setattr(module, name, value)
@@ -296,7 +302,7 @@ def local_loss_cases(dtype: torch.dtype, dtype_name: str, batch: int,
                      beats: int = 10, sentences: int = 18, dim: int = 256) -> list[Case]:
     from kernels import local_contrastive as mod
 
-    kernels = ["_local_gram_kernel", "_local_fwd_kernel", "_local_bwd_sentence_kernel", "_local_bwd_beat_kernel"]
+    kernels = ["_local_gram_kernel", "_local_fwd_kernel", "_local_bwd_kernel"]
     b = torch.randn(batch, beats, dim, dtype=dtype)
     s = torch.randn(batch, sentences, dim, dtype=dtype)
     counts = torch.full((batch,), sentences, dtype=torch.int32)  # as LocalSimilarityFunction passes them

@@ -231,7 +231,8 @@ def _local_bwd_kernel(
 FACTOR_BYTES = 256 * 2**20  # the backward's per-pair factors (T, W, zc) for one chunk of texts
 
 
-def _launch_config(num_beats: int, num_sentences: int, dim: int, device: torch.device) -> dict[str, int]:
+def _launch_config(num_beats: int, num_sentences: int, dim: int, dtype: torch.dtype,
+                   device: torch.device) -> dict[str, int]:
     block_d = feature_block(dim, OP, MAX_BLOCK_D)
     block_q, block_s = max(16, next_power_of_2(num_beats)), max(16, next_power_of_2(num_sentences))
     if max(block_q, block_s) > MAX_BLOCK_QS:
@@ -239,8 +240,10 @@ def _launch_config(num_beats: int, num_sentences: int, dim: int, device: torch.d
             f"{OP}: the Triton kernel holds a pair's beats × sentences on chip and supports Qb, S <= "
             f"{MAX_BLOCK_QS}, got Qb={num_beats}, S={num_sentences}; use impl='reference'"
         )
-    # warps sized to the resident (BLOCK_S, BLOCK_D) sentence and (BLOCK_Q, BLOCK_D) beat tiles
-    num_warps = 4 if block_d * max(block_q, block_s) <= 32 * 256 else 8
+    # warps sized to the resident (BLOCK_S, BLOCK_D) sentence and (BLOCK_Q, BLOCK_D) beat tiles;
+    # fp32 tiles (3×TF32 splits each operand) take twice the registers of fp16/bf16 ones
+    tile = block_d * max(block_q, block_s) * (2 if dtype == torch.float32 else 1)
+    num_warps = 4 if tile <= 32 * 256 else 8
     return {"BLOCK_Q": block_q, "BLOCK_S": block_s, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
@@ -267,13 +270,14 @@ def local_contrastive_forward(
     """
     _check_kernels(beats)
     num_pairs, num_beats, dim = beats.shape
-    config = _launch_config(num_beats, sentences.shape[1], dim, beats.device)
+    config = _launch_config(num_beats, sentences.shape[1], dim, beats.dtype, beats.device)
     precision = dot_precision(beats.dtype)
     gram = torch.empty(num_pairs, config["BLOCK_Q"], config["BLOCK_Q"], device=beats.device, dtype=torch.float32)
     _local_gram_kernel[(num_pairs,)](
         beats, gram, num_beats, dim,
         stride_bb=beats.stride(0), stride_bq=beats.stride(1), stride_gb=gram.stride(0),
-        BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"], DOT_PRECISION=precision,
+        BLOCK_Q=config["BLOCK_Q"], BLOCK_D=config["BLOCK_D"],
+        DOT_PRECISION="ieee" if beats.dtype == torch.float32 else precision,  # 3×TF32 spilled here (sm_90)
         num_warps=config["num_warps"],
     )
     lse = torch.empty(num_pairs, num_pairs, device=beats.device, dtype=torch.float32)
@@ -309,7 +313,7 @@ def local_contrastive_backward(
     _check_kernels(beats)
     num_pairs, num_beats, dim = beats.shape
     num_sentences = sentences.shape[1]
-    config = _launch_config(num_beats, num_sentences, dim, beats.device)
+    config = _launch_config(num_beats, num_sentences, dim, beats.dtype, beats.device)
     chunk = _text_chunk(num_pairs, num_beats, num_sentences)
     beats32, sentences32 = beats.float(), sentences.float()
     d_beats = torch.zeros(num_pairs, num_beats, dim, device=beats.device, dtype=torch.float32)
@@ -362,7 +366,7 @@ def _define_ops() -> tuple:
     @local_similarity_op.register_fake
     def _(beats, sentences, sentence_counts, t1, t2):
         num_pairs, num_beats, dim = beats.shape
-        block_q = _launch_config(num_beats, sentences.shape[1], dim, beats.device)["BLOCK_Q"]
+        block_q = _launch_config(num_beats, sentences.shape[1], dim, beats.dtype, beats.device)["BLOCK_Q"]
         return (beats.new_empty(num_pairs, num_pairs, dtype=torch.float32),
                 beats.new_empty(num_pairs, block_q, block_q, dtype=torch.float32))
 

@@ -11,6 +11,7 @@ element fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -28,6 +29,7 @@ from tests.kernel_utils import (
     INTERPRETER_HINT,
     assert_rel_close,
     fresh_seed,
+    gpu_numerics,
     poisoned_allocations,
     use_triton_interpreter,
 )
@@ -268,3 +270,21 @@ def test_local_loss_compiles_fullgraph(impl: str) -> None:
     loss_tol, grad_tol = TOLERANCES[torch.float32]
     for name, value, expected, tol in zip(("loss", "dbeats", "dsentences"), out, ref, (loss_tol, grad_tol, grad_tol)):
         assert_rel_close(name, value, expected, tol, f"seed={seed} compiled {impl}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_local_loss_cuda_configs_low_precision(dtype: torch.dtype) -> None:
+    """bf16 and fp16 through the launch configurations a GPU runs, against float64 (issue 16,
+    item 5); on CPU under the interpreter's bf16 shim. Qb = 10, S = 9, D = 48: every tile padded."""
+    with gpu_numerics() if DEVICE == "cpu" else contextlib.nullcontext():
+        _check(7, 10, 9, 48, dtype, scale=48**-0.25)
+
+
+def test_local_loss_backward_in_text_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward's per-pair factors are bounded by FACTOR_BYTES: texts go in chunks (here 2
+    texts of 7 per launch, the last chunk short), with the same result."""
+    beats_per_ecg, max_sentences, batch = 10, 5, 7
+    per_text = batch * (beats_per_ecg * max_sentences + beats_per_ecg**2 + max_sentences) * 4
+    monkeypatch.setattr(local, "FACTOR_BYTES", 2 * per_text)
+    assert local._text_chunk(batch, beats_per_ecg, max_sentences) == 2
+    _check(batch, beats_per_ecg, max_sentences, 16, torch.float32, scale=0.5)

@@ -1,26 +1,37 @@
 """Benchmark the three kernel ops (InfoNCE, attention pooling, local loss) on the harness.
 
-    python benchmarks/loss_kernels.py [--ops infonce,attention_pool,local_loss]
+    python benchmarks/loss_kernels.py [--ops infonce,infonce_dist,attention_pool,local_loss]
                                       [--sizes quick|cpu|gpu] [--quick] [--infonce-n 64,4096]
                                       [--compile | --no-compile] [--threads 1]
-                                      [--out benchmarks/results]
+                                      [--record | --out DIR]
 
-Implementations: the PyTorch reference (eager), the reference under torch.compile (default
-on CUDA only: compiling on the CPU takes minutes), and the Triton kernel (CUDA only; an op
-without a kernel yet shows the reference only). Sizes follow the paper's configuration:
-InfoNCE at D = 256 for per-GPU batches 64…4096 and large N (16384, 32768); attention pooling
-at MELP's two pooler shapes (Q = 10 beat queries at D = 256, Q = 128 caption queries at
-D = 768; 8 heads, N = 312 ECG tokens, a quarter padded on average) for B = 64…1024, also
-against SDPA (CUDA: flash, which takes no padding mask and so runs unmasked, and
-memory-efficient; CPU: the default backend) — the op reads K and V once at ≈ Q FLOP/byte,
-under the H100's ridge, so its roofline column is the bandwidth-floor fraction; the local loss with
-B = 64…1024, Qb = 10 beats, S = 18 sentences (MIMIC reports have at most 18 statements;
-counts drawn in 1…18, one text without sentences), D = 256 — the reference's B×B×S×D context
-tensor is 19 GB in fp32 at B = 1024, and an out-of-memory failure is recorded as a row, not
-raised. CUDA runs use bf16 inputs (training precision), CPU runs fp32 and fewer sizes.
+Implementations, all on inputs of the benchmark dtype (bf16 on CUDA, fp32 on the CPU):
+``eager`` — plain PyTorch in that dtype (open_clip's InfoNCE, the reference's local-loss
+math without its fp32 upcast, SDPA's math backend for pooling); ``eager+compile`` — the same
+under torch.compile (default on CUDA only: compiling on the CPU takes minutes); ``triton`` —
+the kernel (CUDA only); plus SDPA's fused backends for attention pooling. Before any
+implementation is timed, its output and the gradients of every input are compared with the
+op's reference (``kernels/reference.py``, fp32 math) on the same inputs: the relative errors
+are recorded with the timings, and an implementation beyond the dtype's tolerance is
+reported as failed and not timed.
+
+Sizes follow the paper's configuration: InfoNCE at D = 256 for per-GPU batches 64…4096 and
+large N (16384, 32768); ``infonce_dist`` — the 2-rank distributed InfoNCE (2 processes: NCCL
+on 2 GPUs, else gloo on the CPU), each rank N_l rows against the gathered 2·N_l, checked
+against the single-process reference on the full batch, timed as the slower rank's step;
+attention pooling at MELP's two pooler shapes (Q = 10 beat queries at D = 256, Q = 128
+caption queries at D = 768; 8 heads, N = 312 ECG tokens, a quarter padded on average) for
+B = 64…1024, also against SDPA (CUDA: flash, which takes no padding mask and so runs
+unmasked, and memory-efficient) — the op reads K and V once at ≈ Q FLOP/byte, under the
+H100's ridge, so its roofline column is the bandwidth-floor fraction; the local loss with
+B = 64…1024, Qb = 10 beats, S = 18 sentences (counts drawn in 1…18, one text without
+sentences), D = 256 — the eager B×B×S×D context tensor is 19 GB in fp32 at B = 1024, and an
+out-of-memory failure is recorded as a row, not raised.
 
 FLOPs are the useful multiply-adds ×2 of each op (forward; forward+backward), bytes the
 inputs read and outputs written once — the roofline a perfect fused kernel reaches.
+Results go to a folder outside the repository (the system temp dir) unless ``--record``
+writes them to benchmarks/results/ (or ``--out`` names a folder).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,29 +52,39 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `kernels
 import kernels
 from benchmarks.harness import (
     TABLE_HEADER,
+    Result,
     Variant,
     Workload,
     environment,
+    format_row,
+    measure,
     plot_results,
-    run_benchmarks,
     write_results,
 )
+from benchmarks.infonce_distributed import run_distributed_infonce
 from kernels import reference
 
-OPS = ("infonce", "attention_pool", "local_loss")
+OPS = ("infonce", "infonce_dist", "attention_pool", "local_loss")
+RECORD_DIR = Path(__file__).resolve().parent / "results"  # tracked: only with --record
+SCRATCH_DIR = Path(tempfile.gettempdir()) / "melp-scale-benchmarks"
+# relative error (||out − ref|| / ||ref||, output and every gradient) beyond which an
+# implementation is reported as wrong instead of timed; bf16 eager carries ~1e-2 by itself
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 POOLER_SHAPES = [(10, 256), (128, 768)]  # (Q, D): the beat pooler, the caption pooler
 SIZES: dict[str, dict[str, list]] = {
     "gpu": {
         "infonce": [64, 128, 256, 512, 1024, 2048, 4096, 16384, 32768],
+        "infonce_dist": [64, 512, 2048],
         "attention_pool": [(batch, *pooler) for pooler in POOLER_SHAPES for batch in (64, 128, 256, 512, 1024)],
         "local_loss": [64, 128, 256, 512, 1024],
     },
     "cpu": {
         "infonce": [64, 256, 1024, 2048],
+        "infonce_dist": [64, 256],
         "attention_pool": [(64, *pooler) for pooler in POOLER_SHAPES],
         "local_loss": [64, 128],
     },
-    "quick": {"infonce": [64, 512], "attention_pool": [(64, 10, 256)], "local_loss": [32]},
+    "quick": {"infonce": [64, 512], "infonce_dist": [64], "attention_pool": [(64, 10, 256)], "local_loss": [32]},
 }
 INFONCE_DIM = 256
 POOL_KEYS, POOL_HEADS = 312, 8
@@ -147,16 +169,17 @@ def local_loss_workload(batch: int, device: torch.device, dtype: torch.dtype) ->
     )
 
 
-REFERENCES = {
-    "infonce": reference.infonce_loss,
-    "attention_pool": reference.attention_pool,
-    "local_loss": reference.local_contrastive_loss,
-}
-PUBLIC_OPS = {
-    "infonce": kernels.infonce_loss,
-    "attention_pool": kernels.attention_pool,
-    "local_loss": kernels.local_contrastive_loss,
-}
+def eager_infonce(x: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """open_clip's loss in the inputs' dtype: the logits are materialised in bf16 on a GPU."""
+    logits = logit_scale.exp().to(x.dtype) * x @ t.T  # (N, N)
+    labels = torch.arange(x.shape[0], device=x.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def eager_local_loss(beats: torch.Tensor, sentences: torch.Tensor, sentence_counts: torch.Tensor) -> torch.Tensor:
+    """The reference's math on the inputs' dtype (no fp32 upcast)."""
+    similarity = reference.local_similarity(beats, sentences, sentence_counts, 4.0, 5.0)
+    return reference.local_loss_from_similarity(similarity, sentence_counts > 0, 10.0)
 
 
 def _sdpa_pool(backends: list[SDPBackend], use_mask: bool):
@@ -178,30 +201,93 @@ def _sdpa_pool(backends: list[SDPBackend], use_mask: bool):
     return pool
 
 
+REFERENCES = {
+    "infonce": reference.infonce_loss,
+    "attention_pool": reference.attention_pool,
+    "local_loss": reference.local_contrastive_loss,
+}
+EAGER = {  # plain PyTorch in the inputs' dtype
+    "infonce": eager_infonce,
+    "attention_pool": _sdpa_pool([SDPBackend.MATH], use_mask=True),
+    "local_loss": eager_local_loss,
+}
+PUBLIC_OPS = {
+    "infonce": kernels.infonce_loss,
+    "attention_pool": kernels.attention_pool,
+    "local_loss": kernels.local_contrastive_loss,
+}
+
+
 def sdpa_variants(on_cuda: bool) -> list[Variant]:
-    """SDPA baselines of attention_pool; a backend that rejects the inputs is recorded as failed."""
+    """SDPA's fused baselines of attention_pool; a backend that rejects the inputs is recorded as failed."""
     if not on_cuda:
-        return [Variant("sdpa", _sdpa_pool([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], use_mask=True))]
+        return []
     return [
         Variant("sdpa-flash-unmasked", _sdpa_pool([SDPBackend.FLASH_ATTENTION], use_mask=False)),
         Variant("sdpa-mem-efficient", _sdpa_pool([SDPBackend.EFFICIENT_ATTENTION], use_mask=True)),
     ]
 
 
-def _triton_variant(op: str, workload: Workload) -> Variant | None:
-    """The Triton kernel when the op has one (probed on the workload's inputs), else None."""
+def _triton_variant(op: str) -> Variant:
     public = PUBLIC_OPS[op]
+    return Variant("triton", lambda *args: public(*args, impl="triton"))
 
-    def kernel(*args):
-        return public(*args, impl="triton")
 
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+
+
+def _run_with_grads(fn, args: list, leaves: list[torch.Tensor], grad_out: torch.Tensor | None):
+    """fn on clones of the differentiable inputs: (output, grads of every input, grad_out used)."""
+    clones = {id(leaf): leaf.detach().clone().requires_grad_() for leaf in leaves}
+    out = fn(*[clones.get(id(arg), arg) if isinstance(arg, torch.Tensor) else arg for arg in args])
+    if grad_out is None:
+        grad_out = torch.randn_like(out, dtype=torch.float32)
+    grads = torch.autograd.grad(out, [clones[id(leaf)] for leaf in leaves], grad_out.to(out.dtype), allow_unused=True)
+    return out.detach(), [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves)], grad_out
+
+
+def check_against_reference(workload: Workload, variant: Variant) -> tuple[dict[str, float], str | None]:
+    """Relative errors of the variant's output and input gradients against the reference on the
+    same inputs, and the reason to skip timing it (None when within CHECK_TOLERANCE)."""
+    args, leaves = workload.make_inputs()
     try:
-        kernel(*workload.make_inputs()[0])
-    except ValueError as error:
-        if "no Triton kernel" in str(error):
-            return None
-        raise
-    return Variant("triton", kernel)
+        ref_out, ref_grads, grad_out = _run_with_grads(REFERENCES[workload.op], args, leaves, None)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # the reference itself out of memory
+        return {}, None if "out of memory" in str(error) else f"reference failed: {error}"[:200]
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    out, grads, _ = _run_with_grads(variant.fn, args, leaves, grad_out)
+    names = ["output"] + [f"grad{index}" for index in range(len(leaves))]
+    errors = {name: _relative_error(value, expected) for name, value, expected in
+              zip(names, [out, *grads], [ref_out, *ref_grads])}
+    tolerance = CHECK_TOLERANCE[workload.dtype]
+    bad = {name: error for name, error in errors.items() if not error <= tolerance}
+    problem = f"output check: relative errors {bad} exceed {tolerance:g}" if bad else None
+    return errors, problem
+
+
+def time_variants(workloads: list[Workload], variants_for, device: torch.device, repeats: int) -> list[Result]:
+    """Check each (workload, variant) against the reference, then time it forward and forward+backward."""
+    results = []
+    for workload in workloads:
+        for variant in variants_for(workload):
+            try:
+                errors, problem = check_against_reference(workload, variant)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                errors, problem = {}, f"{type(error).__name__}: {error}"[:300]
+            for mode in ("forward", "forward+backward"):
+                if problem is None:
+                    result = measure(workload, variant, mode, device, repeats)
+                else:
+                    result = Result(workload.op, workload.label, workload.params, variant.name, mode,
+                                    *(None,) * 7, error=problem)
+                result.extra["relative_errors"] = errors or "unchecked (the reference ran out of memory)"
+                results.append(result)
+                print(format_row(result), flush=True)
+    return results
 
 
 def build_workloads(ops: list[str], preset: dict[str, list], device: torch.device, dtype: torch.dtype) -> list[Workload]:
@@ -212,7 +298,7 @@ def build_workloads(ops: list[str], preset: dict[str, list], device: torch.devic
                 workloads.append(infonce_workload(size, device, dtype))
             elif op == "attention_pool":
                 workloads.append(attention_pool_workload(*size, device, dtype))
-            else:
+            elif op == "local_loss":
                 workloads.append(local_loss_workload(size, device, dtype))
     return workloads
 
@@ -224,12 +310,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="same as --sizes quick")
     parser.add_argument("--infonce-n", help="comma-separated InfoNCE batch sizes, overriding the preset")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time the reference under torch.compile (default: on CUDA only)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats on the CPU (CUDA: do_bench)")
+                        help="also time the eager code under torch.compile (default: on CUDA only)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats on the CPU and per rank (CUDA: do_bench)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 avoids OpenMP stalls)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="folder for the JSON results and the PNG plot")
+    parser.add_argument("--record", action="store_true", help=f"write the results to the tracked {RECORD_DIR}")
+    parser.add_argument("--out", type=Path, help=f"folder for the JSON and PNG (default {SCRATCH_DIR}; "
+                                                 "--record: benchmarks/results)")
     return parser.parse_args(argv)
 
 
@@ -246,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         preset["infonce"] = [int(n) for n in args.infonce_n.split(",")]
     use_compile = on_cuda if args.compile is None else args.compile
     dtype = torch.bfloat16 if on_cuda else torch.float32
+    out_dir = args.out or (RECORD_DIR if args.record else SCRATCH_DIR)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -254,34 +342,33 @@ def main(argv: list[str] | None = None) -> None:
           f"| git {str(env['git_revision'])[:12]} | inputs {str(dtype).removeprefix('torch.')} "
           f"| cpu threads {env['num_cpu_threads']}")
     if not on_cuda:
-        print("No GPU: timing the PyTorch reference on the CPU only. Triton kernel timings need a GPU "
+        print("No GPU: timing eager PyTorch on the CPU only. Triton kernel timings need a GPU "
               "(the CPU interpreter is a correctness tool, not a benchmark); no kernel figures are reported.")
     if not use_compile:
         print("torch.compile variant off (enable with --compile).")
 
-    compiled = {op: torch.compile(fn) for op, fn in REFERENCES.items()} if use_compile else {}
-    triton_variants: dict[str, Variant | None] = {}
+    compiled = {op: torch.compile(fn) for op, fn in EAGER.items()} if use_compile else {}
 
     def variants_for(workload: Workload) -> list[Variant]:
-        variants = [Variant("reference", REFERENCES[workload.op])]
+        variants = [Variant("eager", EAGER[workload.op])]
         if use_compile:
-            variants.append(Variant("reference+compile", compiled[workload.op]))
+            variants.append(Variant("eager+compile", compiled[workload.op]))
         if workload.op == "attention_pool":
             variants += sdpa_variants(on_cuda)
         if on_cuda:
-            if workload.op not in triton_variants:
-                triton_variants[workload.op] = _triton_variant(workload.op, workload)
-                if triton_variants[workload.op] is None:
-                    print(f"{workload.op}: no Triton kernel yet, reference only")
-            if triton_variants[workload.op] is not None:
-                variants.append(triton_variants[workload.op])
+            variants.append(_triton_variant(workload.op))
         return variants
 
     print(TABLE_HEADER)
-    results = run_benchmarks(build_workloads(ops, preset, device, dtype), variants_for, device, args.repeats)
+    results = time_variants(build_workloads(ops, preset, device, dtype), variants_for, device, args.repeats)
+    if "infonce_dist" in ops:
+        results += run_distributed_infonce(preset["infonce_dist"], INFONCE_DIM, dtype, on_cuda, args.repeats)
     stem = "loss_kernels-" + ("gpu" if on_cuda else "cpu")
-    json_path = write_results(results, env, args.out, stem)
+    json_path = write_results(results, env, out_dir, stem)
     plot_path = plot_results(results, json_path.with_suffix(".png"), f"{env['device']} · {env['date']}")
+    failed = [r for r in results if r.error]
+    print(f"\n{len(results) - len(failed)}/{len(results)} rows timed; {len(failed)} failed or skipped "
+          f"(wrong output, out of memory){'' if args.record else ' — not recorded (pass --record)'}")
     print(f"results: {json_path}\nplot:    {plot_path}")
 
 

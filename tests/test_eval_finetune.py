@@ -113,3 +113,33 @@ def test_cli_patient_id_writes_results_and_cmc(setup):
     assert result["subjects"]["num_subjects"] == 8
     assert "Patient identification (8 gallery patients, 8 probes" in open(os.path.join(out, "results.md")).read()
     assert os.path.getsize(os.path.join(out, "patient_id_cmc.png")) > 1000
+
+
+def test_ptbxl_reports_caption_and_patients_use_the_test_fold(setup, tmp_path):
+    import pandas as pd
+
+    from melp_scale.shard.build import BuildConfig, run_build
+    from tests.shard_trees import ptbxl_tree
+
+    root = str(tmp_path / "ptbxl")
+    ptbxl_tree(root)
+    database = os.path.join(root, "ptbxl_database.csv")
+    frame = pd.read_csv(database)
+    frame["strat_fold"] = [10, 10, 1, 9]  # patient 101's two records in the test fold
+    frame.to_csv(database, index=False)
+    shards = str(tmp_path / "shards")
+    run_build(BuildConfig(source="ptbxl", root=root, out=shards, val_fraction=0.0, min_words=0))
+    results = {}
+    for command in (["caption", "--max-samples", "8", "--max-len", "6"], ["patient-id"]):
+        out = str(tmp_path / command[0])
+        assert evaluate_main([*command, "--checkpoint", setup[2], "--data", shards, "--out", out,
+                              "--bootstrap", "0"]) == 0
+        results.update(json.load(open(os.path.join(out, "results.json"))))
+    caption = results["caption"]
+    assert caption["split"] == "test" and caption["num_reports"] == 2  # fold 10 only
+    assert {e["reference"] for e in caption["examples"]} == {
+        "sinus rhythm. normal ecg, nothing else.", "atrial fibrillation with low voltage in limb leads."}
+    assert caption["subjects"]["num_subjects"] == 1
+    patients = results["patient_id"]
+    assert patients["split_rule"].startswith("PTB-XL strat_fold 10")
+    assert (patients["num_gallery"], patients["num_probes"]) == (1, 1)

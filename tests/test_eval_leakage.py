@@ -28,11 +28,12 @@ def setup(tmp_path_factory):
     checkpoint = str(root / "ckpt")
     shutil.copytree(bare, checkpoint)
     from melp_scale.model import MELP
+    from melp_scale.train.config import DataConfig as TrainData
     from melp_scale.train.melp_task import MELPTask
 
     # the trainer's export, as launch/pretrain.py calls it (model.save_pretrained + the record)
     task = MELPTask.__new__(MELPTask)
-    task.config = types.SimpleNamespace(data=types.SimpleNamespace(shards=pretrain))
+    task.config = types.SimpleNamespace(data=TrainData(shards=pretrain))
     task.export(MELP.from_pretrained(bare), checkpoint)
     return types.SimpleNamespace(root=root, pretrain=pretrain, rebuilt=rebuilt, held_out=held_out,
                                  bare=bare, checkpoint=checkpoint)

@@ -1,5 +1,7 @@
 """Trainer: configs and bad input (fast), then real 2-rank DeepSpeed ZeRO-2 runs on the CPU:
-to completion with a checkpoint, and SIGTERM -> resume reproducing the uninterrupted losses."""
+to completion with a checkpoint and checkpoint selection (zero-shot AUC on a separately
+simulated set, checked against the evaluation CLI on export-best/), and SIGTERM -> resume
+reproducing the uninterrupted losses (selection included)."""
 from __future__ import annotations
 
 import json
@@ -84,16 +86,29 @@ def shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shards") / "synthetic")
     run_build(BuildConfig(source="synthetic", out=out, val_fraction=0.34, shard_size=12,
                           options=SourceOptions(count=36)))
+    # the checkpoint-selection set: simulated under another seed
+    run_build(BuildConfig(source="synthetic", out=out + "-select", val_fraction=0.0, shard_size=24,
+                          seed=1, options=SourceOptions(count=24, records_per_subject=1, seed=1)))
     return out
 
 
 def launch(shards: str, out: str, *extra: str) -> subprocess.Popen:
-    command = [DEEPSPEED, "--num_gpus", "2", "launch/pretrain.py", "--ds_config", "ds.json",
-               "--shards", shards, "--out", out, "--max-steps", str(STEPS), "run.log_every=1",
-               "run.checkpoint_every=4", "optim.warmup_steps=2", "data.num_workers=1", *extra]
+    select = f"select.sets=[{{shards: {shards}-select, task: synthetic-rate}}]"
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
+               "--ds_config", "ds.json", "--shards", shards, "--out", out, "--max-steps", str(STEPS),
+               "run.log_every=1", "run.checkpoint_every=4", "optim.warmup_steps=2",
+               "data.num_workers=1", "run.select_every=3", select, "select.split=all", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def train_losses(out: str) -> dict[int, dict]:
@@ -131,6 +146,38 @@ def test_two_ranks_zero2_run_to_completion(uninterrupted):
 
     model = MELP.from_pretrained(os.path.join(out, "export"))
     assert 0.0 <= model.logit_scale.item() <= math.log(100)
+    assert "global batch 16 = 8 per rank x 1 accumulation step(s) x 2 rank(s)" in output
+
+
+def test_checkpoint_selection_keeps_the_best_scoring_model(shards, uninterrupted, tmp_path):
+    """Scores at steps 3, 6 and the last step 8; export-best/ holds the best one, and the
+    evaluation CLI scores that export exactly as the selection did."""
+    out, output = uninterrupted
+    with open(os.path.join(out, "summary.json")) as handle:
+        summary = json.load(handle)
+    assert summary["batch"] == {"micro": 8, "accumulation": 1, "world_size": 2, "global": 16}
+    chosen = summary["selection"]
+    assert [step for step, _ in chosen["scores"]] == [3, 6, STEPS]
+    best_step, best = max(chosen["scores"], key=lambda item: item[1])
+    assert (chosen["best_step"], chosen["best_score"]) == (best_step, best)
+    assert 0.0 <= best <= 100.0
+    assert f"best {best:.2f} at step {best_step}" in output
+    export_best = os.path.join(out, "export-best")
+    with open(os.path.join(export_best, "selection.json")) as handle:
+        record = json.load(handle)
+    assert (record["step"], record["score"]) == (best_step, best)
+    with open(os.path.join(out, "metrics.jsonl")) as handle:
+        scored = [r for r in map(json.loads, handle) if r["kind"] == "select"]
+    assert [r["step"] for r in scored] == [3, 6, STEPS]
+    result = subprocess.run(
+        [sys.executable, "-m", "melp_scale.evaluate", "zeroshot", "--checkpoint", export_best,
+         "--data", shards + "-select", "--task", "synthetic-rate", "--zeroshot-split", "all",
+         "--bootstrap", "0", "--allow-pretraining-rows", "--out", str(tmp_path / "eval")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "eval" / "results.json") as handle:
+        evaluated = json.load(handle)["zeroshot"]["synthetic-rate"]["macro_auc"]
+    assert evaluated == pytest.approx(best, abs=1e-3)
 
 
 def test_sigterm_then_resume_reproduces_losses(shards, uninterrupted, tmp_path):
@@ -159,6 +206,14 @@ def test_sigterm_then_resume_reproduces_losses(shards, uninterrupted, tmp_path):
         for name in ("loss", "loss_global", "loss_caption", "loss_local"):
             assert resumed[step][name] == pytest.approx(reference[step][name], rel=1e-4, abs=1e-5), \
                 (step, name, stopped_at)
+    summaries = []
+    for folder in (uninterrupted[0], out):
+        with open(os.path.join(folder, "summary.json")) as handle:
+            summaries.append(json.load(handle)["selection"])
+    assert [s for s, _ in summaries[1]["scores"]] == [s for s, _ in summaries[0]["scores"]]
+    assert [v for _, v in summaries[1]["scores"]] == pytest.approx(
+        [v for _, v in summaries[0]["scores"]], abs=1e-3)
+    assert summaries[1]["best_step"] == summaries[0]["best_step"]
 
 
 def test_bad_shard_folder_fails_clearly(tmp_path):

@@ -123,6 +123,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         if self.resume:
             self._load()
+            if self._select_due():  # stopped right at a selection step, before it scored
+                self._select()
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         start, status = time.time(), "running"
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.task.name,
@@ -139,8 +141,7 @@ class Trainer:
             status = status if status in ("stopped", "early-stopped") else "finished"
             if status != "stopped" and self.state.last_val.get("step") != self.state.step:
                 self._validate()
-            if (status == "finished" and self.selection is not None
-                    and not any(s == self.state.step for s, _ in self.state.select_scores)):
+            if status == "finished" and self._select_due(final=True):
                 self._select()
             self._save()
             export = self._export() if status != "stopped" else None
@@ -176,8 +177,7 @@ class Trainer:
                     return "stopped"
                 if self.state.step >= self.total_steps:
                     return "done"
-                every = self.config.run.select_every
-                if every and self.state.step % every == 0 and self._select():
+                if self._select_due() and self._select():
                     return "early-stopped"
                 if self.state.step % self.config.run.checkpoint_every == 0:
                     self._save()
@@ -241,6 +241,13 @@ class Trainer:
         self.metrics.write(record)
 
     # ------------------------------------------------------------------ selection
+    def _select_due(self, final: bool = False) -> bool:
+        """Whether this step (a multiple of select_every, or the last) still needs a score."""
+        every, step = self.config.run.select_every, self.state.step
+        if not every or step == 0 or any(s == step for s, _ in self.state.select_scores):
+            return False
+        return final or step % every == 0
+
     def _select(self) -> bool:
         """Score this step (rank 0, broadcast), keep the model if best; True when
         ``select_patience`` scores in a row brought no improvement."""

@@ -1,6 +1,6 @@
 """Ahead-of-time compile every Triton kernel of ``kernels/`` for an H100 (sm_90), without a GPU.
 
-    python benchmarks/compile_check.py [--out benchmarks/results] [--target cuda:90:32]
+    python benchmarks/compile_check.py [--record | --out DIR] [--target cuda:90:32]
                                        [--batch 256] [--dtypes float16,bfloat16,float32]
                                        [--only attention_pool] [--no-json]
 
@@ -24,17 +24,27 @@ Cases (each in fp16, bf16 and fp32, the dtypes the launchers take):
     local_loss       Qb = 10 beats, S = 18 sentences, D = 256: Gram, forward, both backwards
 
 Per kernel: compiled or the error, registers and spills (from ptxas -v: triton's own ptxas
-invocation, captured), shared memory (triton's allocation, ``metadata.shared``), and whether
-an H100 can launch it (≤ 227 KiB shared memory, registers × threads ≤ 64 Ki). Results: a
-table on stdout and a JSON file ``compile_check-triton<version>-<date>.json`` under --out.
-Exit status: 0 when every kernel compiled and fits an H100 (or the triton version lacks the
-AOT API: skipped with a message), 1 when any failed to compile, 2 when all compiled but some
-exceed an H100's shared memory or registers (they would raise OutOfResources at launch).
+invocation, captured; the same numbers a GPU run exposes as ``CompiledKernel.n_regs`` /
+``n_spills``, which need a driver to load), shared memory (triton's allocation,
+``metadata.shared``), and whether an H100 can launch it (≤ 227 KiB shared memory, registers ×
+threads ≤ 64 Ki). Results: a table on stdout, a summary of register spills per dtype (the
+fp16/bf16 variants, the training dtypes, must have none), and a JSON file
+``compile_check-triton<version>-<date>.json`` in the system temp dir, or benchmarks/results/
+with ``--record`` (or ``--out DIR``).
+Exit status: 0 when every kernel compiled, fits an H100 and no fp16/bf16 variant spills (or
+the triton version lacks the AOT API: skipped with a message), 1 when any failed to compile,
+2 when all compiled but some exceed an H100's shared memory or registers (they would raise
+OutOfResources at launch), 3 when all are launchable but an fp16/bf16 variant spills.
 
 Needs no GPU and no CUDA driver: the triton wheel's bundled ptxas is enough. To check another
-triton version, run the script with that version's interpreter, e.g. a throwaway venv with
-``pip install triton==3.6.0 --no-deps`` and a ``.pth`` file pointing at this venv's
-site-packages for torch.
+triton version (the GPU image runs triton 3.6), run the script with that version's
+interpreter, e.g. a throwaway venv:
+
+    python -m venv /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 --no-deps
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/t36/lib/python3.11/site-packages/torch.pth
+    /tmp/t36/bin/python benchmarks/compile_check.py --record
+
+(the .pth gives it this venv's torch; the venv's own triton 3.6 comes first on its path).
 """
 
 from __future__ import annotations
@@ -509,15 +519,41 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _spills(result: Result) -> int:
+    """Bytes of register spill stores + loads per thread (0 when ptxas reported none)."""
+    return (result.spill_stores or 0) + (result.spill_loads or 0)
+
+
+def spill_summary(results: list[Result]) -> str:
+    """One line per dtype: how many compiled variants spill registers, and which."""
+    lines = ["Register spills (ptxas, bytes stored/loaded per thread):"]
+    for dtype in dict.fromkeys(r.dtype for r in results):
+        rows = [r for r in results if r.dtype == dtype and r.ok]
+        spilling = [r for r in rows if _spills(r)]
+        unknown = [r for r in rows if r.spill_stores is None]
+        text = f"  {dtype:<9} {len(spilling)}/{len(rows)} variants spill"
+        if unknown:
+            text += f" ({len(unknown)} without a ptxas report)"
+        if spilling:
+            text += ": " + ", ".join(f"{r.op}/{r.kernel} [{r.case}] {r.spill_stores}/{r.spill_loads}" for r in spilling)
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the JSON (default: the system temp dir; --record: benchmarks/results)")
+    parser.add_argument("--record", action="store_true", help="write the JSON to benchmarks/results/ (tracked)")
     parser.add_argument("--target", default="cuda:90:32", help="backend:arch:warp_size (default cuda:90:32)")
     parser.add_argument("--batch", type=int, default=256, help="per-GPU batch B the launchers see (default 256)")
     parser.add_argument("--dtypes", default="float16,bfloat16,float32")
     parser.add_argument("--only", default="", help="comma-separated ops: infonce,attention_pool,local_loss")
     parser.add_argument("--no-json", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = (Path(__file__).resolve().parent / "results" if args.record
+                    else Path(tempfile.gettempdir()) / "melp-scale-results")
 
     env = environment(torch.device("cpu"))
     reason = missing_api()
@@ -568,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     unlaunchable = [r for r in results if r.ok and r.launchable is False]
     print(f"\n{len(results) - len(failed)}/{len(results)} kernels compiled for {target} with triton "
           f"{triton.__version__}; {len(unlaunchable)} of them exceed an H100's resources")
+    print(spill_summary(results))
+    low_precision_spills = [r for r in results if r.ok and r.dtype in ("float16", "bfloat16") and _spills(r)]
     ptxas = next((r.ptxas for r in results if r.ptxas), None)
     env["ptxas"] = ptxas
     if ptxas:
@@ -586,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         path.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
         print(f"wrote {path}")
-    return 1 if failed else 2 if unlaunchable else 0
+    return 1 if failed else 2 if unlaunchable else 3 if low_precision_spills else 0
 
 
 if __name__ == "__main__":

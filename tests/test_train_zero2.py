@@ -1,5 +1,7 @@
-"""The logit-scale clamp reaches ZeRO-2's fp32 master copy: two gloo ranks train a toy task
-through the real Trainer whose loss drives a log scale up against ln 100, then down.
+"""ZeRO-2 on two gloo ranks, through the real Trainer with a toy task (one run, two tests).
+
+1. The logit-scale clamp reaches ZeRO-2's fp32 master copy: the toy loss drives a log scale
+up against ln 100, then down.
 
 Reference: what the official recipe does, a plain ``torch.optim.AdamW`` step followed by a
 clamp of the stored value, on one process in float64. The master copy (gathered from the ZeRO
@@ -8,6 +10,11 @@ above ln 100, and back down as soon as Adam's momentum turns. A control scale cl
 the model copy (the old behaviour) shows the master running away and the scale stuck at the
 ceiling, so the test can tell the two apart. Both scales train side by side in one run (same
 gradient), one of them clamped through the Trainer, the other in the model copy only.
+
+2. Checkpoint selection across ranks: rank 0 scores (scripted scores; rank 1's scorer fails if
+called), every rank follows the broadcast decision, export-best/ holds the best step's model,
+``run.select_patience`` scores without improvement stop the run early, and an error while
+scoring on rank 0 is raised on both ranks instead of leaving rank 1 waiting.
 """
 from __future__ import annotations
 
@@ -29,6 +36,25 @@ CEILING = math.log(100.0)
 START = math.log(1 / 0.07)
 UP, DOWN = 10, 14  # steps pushing the scale up, then down
 LR = 0.5
+EXTRA = 4  # more batches than the run trains: selection stops it early at step UP + DOWN
+SELECT_EVERY, PATIENCE = 4, 4
+SCORES = [1.0, 3.0, float("nan"), 2.5, 2.9, 2.8]  # steps 4, 8, ..., 24: best at 8, stop at 24
+BEST_STEP = 8
+
+
+class ScriptedSelection:
+    """Returns SCORES in turn on rank 0; any other rank calling it is a bug."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, model):
+        import torch.distributed as dist
+
+        if dist.get_rank() != 0:
+            raise AssertionError("selection must be scored on rank 0 only")
+        self.calls += 1
+        return SCORES[self.calls - 1], {"select_auc/toy": SCORES[self.calls - 1]}
 
 
 class ScaleModel(torch.nn.Module):
@@ -64,7 +90,7 @@ class ScaleTask(Task):
         def batch(direction: float) -> dict[str, Any]:
             return {"x": torch.randn(micro_batch, 4), "direction": torch.tensor(direction)}
 
-        return ListLoader([batch(1.0)] * UP + [batch(-1.0)] * DOWN), None
+        return ListLoader([batch(1.0)] * UP + [batch(-1.0)] * (DOWN + EXTRA)), None
 
     def forward(self, engine, batch):
         loss = engine(batch["x"], batch["direction"])
@@ -85,8 +111,13 @@ class ScaleTask(Task):
     def validate(self, engine, loader, placement):
         return {}
 
+    def make_selection(self):
+        return ScriptedSelection()
+
     def export(self, model, path):
-        pass
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.json"), "w") as handle:
+            json.dump({"logit_scale": model.logit_scale.item()}, handle)
 
 
 def _worker(rank: int, port: int, folder: str) -> None:
@@ -95,17 +126,29 @@ def _worker(rank: int, port: int, folder: str) -> None:
     from melp_scale.train.loop import Trainer
 
     ds_config = os.path.join(folder, "ds.json")
+    from melp_scale.train.selection import broadcast_score
+
     config = ToyConfig(OptimConfig(warmup_steps=0, min_lr_ratio=1.0, epochs=1, seed=0),
                        RunConfig(out=os.path.join(folder, "run"), checkpoint_every=1000,
-                                 log_every=1000, validate=False, telemetry=False))
+                                 log_every=1000, validate=False, telemetry=False,
+                                 select_every=SELECT_EVERY, select_patience=PATIENCE))
     task = ScaleTask(config)
     trainer = Trainer(task, ds_config)
     try:
-        trainer.run()
+        summary = trainer.run()
+
+        def failing():
+            raise ValueError("no such shard set")
+
+        try:
+            broadcast_score(rank, failing)
+            error = None
+        except ValueError as raised:
+            error = str(raised)
     finally:
         trainer.close()
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
-        json.dump(task.values, handle)
+        json.dump(task.values | {"summary": summary, "error": error}, handle, default=str)
 
 
 def _free_port() -> int:
@@ -155,12 +198,18 @@ def reference_trajectory() -> list[float]:
     return values
 
 
-def test_zero2_master_copy_stays_clamped_and_comes_back_down(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("zero2-toy"))
+    return folder, run_two_ranks(folder)
+
+
+def test_zero2_master_copy_stays_clamped_and_comes_back_down(two_ranks):
     reference = reference_trajectory()
     assert max(reference) == pytest.approx(CEILING)  # the push reaches the ceiling
     assert reference[-1] < CEILING - 1.0  # and the reversal brings it well below
 
-    ranks = run_two_ranks(str(tmp_path))
+    _, ranks = two_ranks
     for result in ranks:
         assert len(result["master"]) == UP + DOWN
         assert max(result["master"]) <= CEILING + 1e-6
@@ -170,4 +219,26 @@ def test_zero2_master_copy_stays_clamped_and_comes_back_down(tmp_path):
         # stays at the ceiling after the reversal (what the assertions above rule out)
         assert max(result["control_master"]) > CEILING + 2.0
         assert result["control_model"][-1] == pytest.approx(CEILING)
-    assert ranks[0] == ranks[1]
+    for key in ("master", "model", "control_master", "control_model"):
+        assert ranks[0][key] == ranks[1][key]
+
+
+def test_selection_decided_on_rank_zero_keeps_best_and_stops_early(two_ranks):
+    folder, ranks = two_ranks
+    stop_step = SELECT_EVERY * len(SCORES)
+    for result in ranks:  # both ranks took the same decisions and stopped together
+        summary = result["summary"]
+        assert (summary["status"], summary["step"]) == ("early-stopped", stop_step)
+        selection = summary["selection"]
+        assert (selection["best_step"], selection["best_score"]) == (BEST_STEP, 3.0)
+        assert [step for step, _ in selection["scores"]] == list(
+            range(SELECT_EVERY, stop_step + 1, SELECT_EVERY))
+        assert "rank 0: ValueError: no such shard set" in result["error"]
+    best = os.path.join(folder, "run", "export-best")
+    with open(os.path.join(best, "selection.json")) as handle:
+        assert json.load(handle)["step"] == BEST_STEP
+    with open(os.path.join(best, "model.json")) as handle:  # the model of step 8, not the last
+        assert json.load(handle)["logit_scale"] == pytest.approx(ranks[0]["model"][BEST_STEP - 1])
+    with open(os.path.join(folder, "run", "export", "model.json")) as handle:
+        assert json.load(handle)["logit_scale"] == pytest.approx(ranks[0]["model"][-1])
+    assert ranks[0]["model"][BEST_STEP - 1] != pytest.approx(ranks[0]["model"][-1])

@@ -52,8 +52,8 @@ def test_fit_trains_the_encoder_and_keeps_the_text_tower(setup):
     before = MELP.from_pretrained(checkpoint)
     model, log = fit(lambda: MELP.from_pretrained(checkpoint), {"train": refs[:8], "val": refs[8:12]},
                      {"train": labels[:8], "val": labels[8:12]}, DataConfig(data),
-                     FinetuneConfig(epochs=2, patience=1, batch_size=4))
-    assert log["steps"] >= 2 and 1 <= log["best_epoch"] <= log["epochs_run"] <= 2
+                     FinetuneConfig(epochs=1, patience=1, batch_size=4))
+    assert (log["steps"], log["best_epoch"], log["epochs_run"]) == (2, 1, 1)
     changed = [not torch.equal(a, b) for a, b in zip(before.ecg_encoder.parameters(),
                                                       model.melp.ecg_encoder.parameters())]
     assert any(changed)

@@ -106,3 +106,13 @@ def test_checkpoint_without_record_is_reported_unknown(setup):
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["pretraining"]["record"].startswith("unknown")
     assert results["zeroshot"]["synthetic-rate"]["subjects"]["test"]["seen_in_pretraining"] == "unknown"
+
+
+def test_streamed_shard_sets_make_the_record_partial(setup, tmp_path):
+    checkpoint = str(tmp_path / "ckpt")
+    shutil.copytree(setup.bare, checkpoint)
+    write_training_data(checkpoint, [setup.pretrain], streamed=["https://example.org/shards/mimic/"])
+    check = PretrainingCheck.of(checkpoint, setup.held_out)
+    assert check.summary()["unrecorded_shard_sets"] == ["mimic"]
+    seen = check.seen([{"subject": "00000"}])
+    assert seen["seen_in_pretraining"] is False and "mimic" in seen["record_partial"]

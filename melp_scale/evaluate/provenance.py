@@ -108,15 +108,17 @@ def shard_set_record(directory: str, salt: str) -> dict[str, Any]:
                          for split, pairs in sorted(subjects.items())}}
 
 
-def write_training_data(export_dir: str, shard_dirs: list[str], trained_splits: tuple[str, ...] = ("train",)
-                        ) -> str:
+def write_training_data(export_dir: str, shard_dirs: list[str], trained_splits: tuple[str, ...] = ("train",),
+                        streamed: list[str] = ()) -> str:
     """Write ``export_dir/training_data.json`` for a model pretrained on ``trained_splits`` of
-    ``shard_dirs`` (other splits: validation only). Returns its path."""
+    ``shard_dirs`` (other splits: validation only); ``streamed``: shard sets read from URLs,
+    named only (no local manifest to hash), which makes the record partial. Returns its path."""
     salt = secrets.token_hex(8)
     payload = {"format": FORMAT, "version": 1, "trained_splits": list(trained_splits),
-               "subject_key": {"algorithm": "sha256(salt:source:subject)", "hex_digits": KEY_HEX,
+               "subject_key": {"algorithm": "sha256(salt:namespace:subject)", "hex_digits": KEY_HEX,
                                "salt": salt},
-               "shard_sets": [shard_set_record(d, salt) for d in shard_dirs]}
+               "shard_sets": [shard_set_record(d, salt) for d in shard_dirs],
+               "unrecorded_shard_sets": [str(s).rstrip("/").rsplit("/", 1)[-1] for s in streamed]}
     os.makedirs(export_dir, exist_ok=True)
     path = os.path.join(export_dir, FILE_NAME)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -148,6 +150,7 @@ class PretrainingCheck:
     known: bool  # the checkpoint has training_data.json
     shard_sets: list[str]  # names of the pretraining shard sets
     same_shard_set: list[str]  # pretraining shard sets that share the manifest or a shard file
+    unrecorded: list[str] = dataclasses.field(default_factory=list)  # streamed sets, not hashed
     salt: str = ""
     namespace: str = ""  # subject namespace of the evaluated shard set (subject_namespace)
     trained: frozenset = frozenset()  # subject keys of the trained-on splits
@@ -169,7 +172,7 @@ class PretrainingCheck:
             for split, keys in entry["subjects"].items():
                 (trained if split in trained_splits else validated).update(keys)
         return cls(True, [e["name"] for e in record["shard_sets"]], same,
-                   record["subject_key"]["salt"], subject_namespace(manifest.get("settings", {})),
+                   list(record.get("unrecorded_shard_sets", [])), record["subject_key"]["salt"], subject_namespace(manifest.get("settings", {})),
                    frozenset(trained), frozenset(validated))
 
     def seen(self, metas: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,14 +182,20 @@ class PretrainingCheck:
             return {"num_subjects": len(subjects), "seen_in_pretraining": "unknown"}
         keys = {subject_key(self.salt, *pair) for pair in subjects}
         trained, validated = len(keys & self.trained), len(keys & self.validated - self.trained)
-        return {"num_subjects": len(subjects), "seen_in_pretraining": trained > 0,
-                "subjects_trained_on": trained, "subjects_validated_on": validated}
+        out = {"num_subjects": len(subjects), "seen_in_pretraining": trained > 0,
+               "subjects_trained_on": trained, "subjects_validated_on": validated}
+        if self.unrecorded:  # a streamed shard set may hold them: not provably clean
+            out["record_partial"] = f"not checked against {', '.join(self.unrecorded)}"
+        return out
 
     def summary(self) -> dict[str, Any]:
         """The record's part of results.json."""
         if not self.known:
             return {"record": "unknown: the checkpoint has no training_data.json, so rows seen "
                               "in pretraining cannot be ruled out"}
-        return {"record": FILE_NAME, "pretraining_shard_sets": self.shard_sets,
-                "evaluated_shard_set_was_pretrained_on": bool(self.same_shard_set),
-                "num_pretraining_subjects": len(self.trained)}
+        out = {"record": FILE_NAME, "pretraining_shard_sets": self.shard_sets,
+               "evaluated_shard_set_was_pretrained_on": bool(self.same_shard_set),
+               "num_pretraining_subjects": len(self.trained)}
+        if self.unrecorded:
+            out["unrecorded_shard_sets"] = self.unrecorded  # streamed from URLs: not hashed
+        return out

@@ -153,7 +153,8 @@ def _seen(seen: dict[str, Any] | None) -> str:
     if flag == "unknown":
         return f"{seen['num_subjects']} subjects, unknown (no training_data.json)"
     return (f"{seen['num_subjects']} subjects, {seen['subjects_trained_on']} trained on, "
-            f"{seen['subjects_validated_on']} validated on")
+            f"{seen['subjects_validated_on']} validated on"
+            + (f" ({seen['record_partial']})" if seen.get("record_partial") else ""))
 
 
 def data_markdown(results: dict[str, Any]) -> str:

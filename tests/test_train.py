@@ -53,6 +53,63 @@ def test_ds_config_checks(tmp_path):
         load_ds_config(str(tmp_path / "absent.json"), 1, False)
 
 
+def test_preset_deepspeed_overrides_set_the_global_batch(tmp_path):
+    """paper.yaml's deepspeed section is merged over ds.json (the file stays as it is):
+    64 per GPU on 4 GPUs is the paper's global batch 256; the command line overrides further."""
+    from melp_scale.train.config import read_deepspeed_overrides
+    from melp_scale.train.engine import batch_sizes
+    from melp_scale.text_pretrain.config import load_text_pretrain_config
+
+    with open(os.path.join(REPO, "ds.json")) as handle:
+        on_disk = json.load(handle)
+    overrides = read_deepspeed_overrides("paper")
+    config, _ = load_ds_config(os.path.join(REPO, "ds.json"), 4, False, overrides)
+    assert batch_sizes(config, 4) == {"micro": 64, "accumulation": 1, "world_size": 4, "global": 256}
+    assert config["optimizer"] == on_disk["optimizer"] and config["zero_optimization"]["stage"] == 2
+    overrides = read_deepspeed_overrides("paper", ["deepspeed.gradient_accumulation_steps=2",
+                                                   "model.ecg.num_layers=2"])
+    config, _ = load_ds_config(os.path.join(REPO, "ds.json"), 2, False, overrides)
+    assert batch_sizes(config, 2)["global"] == 64 * 2 * 2
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("model: demo\n")
+    assert read_deepspeed_overrides(str(plain)) == {}
+    text = read_deepspeed_overrides("text_paper", ["deepspeed.optimizer.params.lr=1e-5"])
+    config, _ = load_ds_config(os.path.join(REPO, "ds.json"), 1, False, text)
+    assert config["optimizer"]["params"] == dict(on_disk["optimizer"]["params"], lr=1e-5,
+                                                 weight_decay=0.01)
+    load_text_pretrain_config("text_paper")  # its deepspeed section is not a config error
+    with pytest.raises(ValueError, match=r"deepspeed\.micro_batch"):
+        read_deepspeed_overrides("demo", ["deepspeed.micro_batch=3"])
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 16}))
+    with pytest.raises(ValueError, match="deepspeed overrides: train_batch_size 16 != .* 64"):
+        load_ds_config(str(path), 2, False, {"train_micro_batch_size_per_gpu": 64})
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be a positive"):
+        load_ds_config(str(path), 2, False, {"gradient_accumulation_steps": 0})
+    with open(os.path.join(REPO, "ds.json")) as handle:
+        assert json.load(handle) == on_disk
+
+
+def test_selection_settings_are_checked(tmp_path):
+    from melp_scale.train.selection import ZeroShotSelection
+
+    with pytest.raises(ValueError, match="run.select_patience needs run.select_every"):
+        load_train_config("demo", ["run.select_every=0", "run.select_patience=3"])
+    with pytest.raises(ValueError, match=r"select.sets\[0\] must be"):
+        load_train_config("demo", ["select.sets=[{shards: x}]"])
+    with pytest.raises(ValueError, match="select.split"):
+        load_train_config("demo", ["select.split=dev"])
+    config = load_train_config("paper", [f"select.sets=[{{shards: {tmp_path}, task: ptbxl-super}}]"])
+    with pytest.raises(ValueError, match=r"select.sets\[0\].shards .* has no manifest.json"):
+        ZeroShotSelection(config.select)
+    (tmp_path / "manifest.json").write_text("{}")
+    config = load_train_config("paper", [f"select.sets=[{{shards: {tmp_path}, task: ptbxl-hyper}}]"])
+    with pytest.raises(ValueError, match=r"select.sets\[0\].task: .*ptbxl-hyper"):
+        ZeroShotSelection(config.select)
+    with pytest.raises(ValueError, match="select.sets is empty"):
+        ZeroShotSelection(load_train_config("demo", ["run.select_every=5", "select.sets=[]"]).select)
+
+
 def test_warmup_cosine_schedule():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
@@ -97,7 +154,8 @@ def launch(shards: str, out: str, *extra: str) -> subprocess.Popen:
     command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launch/pretrain.py",
                "--ds_config", "ds.json", "--shards", shards, "--out", out, "--max-steps", str(STEPS),
                "run.log_every=1", "run.checkpoint_every=4", "optim.warmup_steps=2",
-               "data.num_workers=1", "run.select_every=3", select, "select.split=all", *extra]
+               "data.num_workers=1", "deepspeed.train_micro_batch_size_per_gpu=8",
+               "run.select_every=3", select, "select.split=all", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -241,7 +299,8 @@ def test_two_nodes_on_loopback_train_like_one_node(shards, uninterrupted, tmp_pa
         [torchrun, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
          "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/pretrain.py",
          "--ds_config", "ds.json", "--shards", shards, "--out", out, "--max-steps", str(STEPS),
-         "run.log_every=1", "run.checkpoint_every=4", "optim.warmup_steps=2", "data.num_workers=1"],
+         "run.log_every=1", "run.checkpoint_every=4", "optim.warmup_steps=2", "data.num_workers=1",
+         "deepspeed.train_micro_batch_size_per_gpu=8", "run.select_every=0"],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
     for process in processes:

@@ -110,7 +110,7 @@ def read_split_csv(path: str, task: Task, record_column: str | None = None,
     column that matches most of them; None: the first candidate present)."""
     if not os.path.isfile(path):
         raise ValueError(f"--split-csv {path!r} does not exist")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     column = _record_column(path, frame, record_column, known)
     records = frame[column].astype(str).str.strip()
     empty = np.flatnonzero((records == "").to_numpy())

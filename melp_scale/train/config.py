@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any
 
 import yaml
@@ -139,7 +140,11 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    value = yaml.safe_load(text) if text != "" else ""
+    # YAML 1.1 reads 1e-5 (no dot) as a string: take it as the number it means
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+        return float(value)
+    return value
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:

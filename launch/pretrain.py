@@ -19,7 +19,7 @@ from melp_scale.train import cli  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = cli.common_parser("MELP pretraining with DeepSpeed ZeRO-2", "demo", "demo, paper")
     parser.add_argument("--shards", help="shard folder (overrides data.shards)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come between flags
     overrides = cli.common_overrides(args)
     # an explicit --shards must exist: never build the synthetic demo set in its place
     overrides += [f"data.shards={args.shards}", "data.build_demo_if_missing=false"] if args.shards else []

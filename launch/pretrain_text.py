@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.common_parser("Text-encoder MLM pretraining (stage 1)", "text_demo",
                                "text_demo, text_paper")
     parser.add_argument("--model", help="HF id or local folder (overrides model.name_or_path)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come between flags
     overrides = cli.common_overrides(args)
     overrides += [f"model.name_or_path={args.model}"] if args.model else []
     from melp_scale.text_pretrain.config import load_text_pretrain_config

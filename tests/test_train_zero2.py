@@ -242,3 +242,17 @@ def test_selection_decided_on_rank_zero_keeps_best_and_stops_early(two_ranks):
     with open(os.path.join(folder, "run", "export", "model.json")) as handle:
         assert json.load(handle)["logit_scale"] == pytest.approx(ranks[0]["model"][-1])
     assert ranks[0]["model"][BEST_STEP - 1] != pytest.approx(ranks[0]["model"][-1])
+
+
+def test_melp_task_clamps_its_logit_scale_through_the_trainer():
+    """MELP's pretraining task hands its logit scale to the clamp exercised above, with the
+    model config's bounds [0, ln 100]."""
+    from melp_scale.model import MELP
+    from melp_scale.train.config import load_train_config
+    from melp_scale.train.melp_task import MELPTask
+
+    task = MELPTask(load_train_config("demo"))
+    model = MELP(task.melp_config)
+    [(parameter, low, high)] = task.clamped_parameters(model)
+    assert parameter is model.logit_scale
+    assert (low, high) == (0.0, pytest.approx(CEILING))

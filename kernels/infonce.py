@@ -38,13 +38,15 @@ scale (fp16 under a scale of 2¹⁶ stays finite); 1/(2N), s and that magnitude 
 fp32 accumulators.
 
 Launch: on CUDA, @triton.autotune picks tile sizes (BLOCK_N; BLOCK_M too in the backward),
-warps and stages per (N_l, N, D, dtype) from ``_launch_configs``; the interpreter, or ``forced_launch_config``, runs one
-fixed config (tests, compile_check.py). The single-process op is the torch.library custom
-op ``melp_kernels::infonce_forward`` (with its backward op), free of host synchronisation,
-so torch.compile(fullgraph=True) and CUDA graphs capture it.
+warps and stages per (N_l, N, D, dtype) from ``_launch_configs``; the interpreter, or
+``forced_launch_config``, runs one fixed config (tests, compile_check.py). The column split
+is fixed before autotuning (about PROGRAMS_PER_SM programs per SM). The single-process op
+is the torch.library custom op ``melp_kernels::infonce_forward`` (with its backward op),
+free of host synchronisation, so torch.compile(fullgraph=True) and CUDA graphs capture it.
 
 Distributed (``group`` given, W ranks, each with N_l rows; all ranks need the same N_l,
-checked with one all-gather of W ints, a ValueError on every rank otherwise): rank r
+checked with one all-gather of W ints read on the host, a ValueError on every rank
+otherwise; the distributed path is therefore not graph-capturable): rank r
 all-gathers T (N × D), computes its N_l × N block-row once and merges its partial column
 statistics with a log-sum-exp all-reduce (max over N, then the sums and the diagonal, 2N).
 Its loss is 1/(2N_l)·Σ_{i∈r}[row term + column term of its own columns]; the mean over
@@ -214,9 +216,10 @@ def _launch_configs(kind: str, dim: int, dtype: torch.dtype, device: torch.devic
     """Launch configs of the "fwd" or "bwd" kernel; on CUDA the autotune space, default first.
 
     Forward configs share BLOCK_M (the column-statistics buffer has a row per row block).
-    Every BLOCK_N divides the split granule (the largest BLOCK_N of the list). On sm_90 at
-    D = 256 no fp16/bf16 config spills registers (benchmarks/compile_check.py); fp32's
-    3×TF32 dots do at any tile that fits the shared memory.
+    Every BLOCK_N divides the split granule (the largest BLOCK_N of the list). On sm_90 no
+    fp16/bf16 config spills registers at D = 128, 256 or 512 (AOT-compiled with triton 3.9,
+    D = 256 also with 3.6: benchmarks/compile_check.py); fp32's 3×TF32 dots spill at any
+    tile that fits the shared memory.
     """
     block_d = feature_block(dim, "infonce_loss", MAX_BLOCK_D)
     if not uses_cuda_launch_configs(device):  # the interpreter (unless a test forces the CUDA configs)
@@ -228,11 +231,11 @@ def _launch_configs(kind: str, dim: int, dtype: torch.dtype, device: torch.devic
         block_m = 64 if block_d <= 256 else 32
         tiles = [(block_m, n, w, s) for n in (64, 32) for w in (8, 4) for s in (3, 2)]
     elif block_d <= 128:  # bwd: a (BLOCK_M, BLOCK_D) fp32 dx accumulator plus a (BLOCK_N, BLOCK_D) dt tile
-        tiles = [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 3)]
+        tiles = [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 3)]
     elif block_d == 256:
         tiles = [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1)]
     else:
-        tiles = [(32, 32, 8, 2), (32, 32, 8, 1), (16, 32, 4, 2)]
+        tiles = [(32, 32, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1), (16, 16, 4, 2)]
     return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "num_warps": w, "num_stages": s} for m, n, w, s in tiles]
 
 

@@ -63,7 +63,6 @@ class Trainer:
 
         self.task, self.config, self.resume = task, task.config, resume
         config = self.config
-        self.selection = task.make_selection() if config.run.select_every else None
         self.use_cuda = torch.cuda.is_available()
         _single_process_env()
         deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo")
@@ -83,6 +82,8 @@ class Trainer:
         self._check_out_folder()
         task.prepare_data(self.placement)
         dist.barrier()
+        # after prepare_data: the demo builds its held-out selection set there
+        self.selection = task.make_selection() if config.run.select_every else None
         torch.manual_seed(config.optim.seed)
         self.model = task.build_model(self.placement).to(self.device)
         self.train_loader, self.val_loader = task.build_loaders(
@@ -126,7 +127,8 @@ class Trainer:
             if self._select_due():  # stopped right at a selection step, before it scored
                 self._select()
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        start, status = time.time(), "running"
+        # a run that early-stopped stays stopped when resumed (e.g. a SLURM requeue)
+        start, status = time.time(), "early-stopped" if self._patience_spent() else "running"
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.task.name,
                    unit="step", disable=self.rank != 0, dynamic_ncols=True)
         try:
@@ -267,7 +269,11 @@ class Trainer:
                             "best_score": self.state.best_score, "best_step": self.state.best_step})
         log.info("step %d: selection score %.3f (best %s at step %s)", step, score,
                  self.state.best_score, self.state.best_step)
-        return bool(run.select_patience) and self.state.since_best >= run.select_patience
+        return self._patience_spent()
+
+    def _patience_spent(self) -> bool:
+        patience = self.config.run.select_patience
+        return bool(patience) and self.state.since_best >= patience
 
     # ------------------------------------------------------------------ stop / save
     def _request_stop(self, signum: int, frame: Any) -> None:

@@ -180,10 +180,11 @@ def _classification(evaluation: Evaluation, results: dict[str, Any], probe_confi
         try:
             data = task_data(task, evaluation.refs, task_config)
         except ValueError as error:
-            if config.tasks or "--split-csv" in str(error):  # asked for: the user must hear why
+            message = str(error)  # a task asked for, or a malformed split file: say why
+            if config.tasks or ("--split-csv" in message and "no column for class" not in message):
                 raise
-            log.info("skipping %s: %s", task.name, error)
-            results.setdefault("skipped", {})[task.name] = str(error)
+            log.info("skipping %s: %s", task.name, message)
+            results.setdefault("skipped", {})[task.name] = message
             continue
         subjects = {s: evaluation.check.seen([evaluation.refs[int(i)].meta
                                               for i in data.rows[data.split_rows(s)]])

@@ -385,7 +385,8 @@ def attention_pool(
     True = padded key. ``impl``: "auto" | "reference" | "triton" (``kernels._utils.resolve_impl``).
     """
     validate_attention_pool(queries, keys, values, num_heads, key_padding_mask)
-    if resolve_impl(impl, "attention_pool", [queries, keys, values], has_triton=True) == "reference":
+    if resolve_impl(impl, "attention_pool", [queries, keys, values], has_triton=True) == "reference" \
+            or keys.shape[0] == 0:  # an empty batch: no grid to launch
         return reference.attention_pool(queries, keys, values, num_heads, key_padding_mask)
     queries, keys, values = contiguous(queries), contiguous(keys), contiguous(values)
     out, _ = _OPS[0](queries, keys, values, num_heads, key_padding_mask)

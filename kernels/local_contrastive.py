@@ -430,7 +430,7 @@ def local_contrastive_loss(
     it is 0. No host sync. ``impl``: "auto" | "reference" | "triton" (``kernels._utils.resolve_impl``).
     """
     validate_local_contrastive(beats, sentences, sentence_counts)
-    if resolve_impl(impl, OP, [beats, sentences], has_triton=True) == "reference":
-        return reference.local_contrastive_loss(beats, sentences, sentence_counts, t1, t2, t3)
+    if resolve_impl(impl, OP, [beats, sentences], has_triton=True) == "reference" or beats.shape[0] == 0:
+        return reference.local_contrastive_loss(beats, sentences, sentence_counts, t1, t2, t3)  # B = 0: no grid
     similarity = local_similarity(beats, sentences, sentence_counts, t1, t2)  # R[i, j]: (B, B)
     return reference.local_loss_from_similarity(similarity, sentence_counts > 0, t3)

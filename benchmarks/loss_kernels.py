@@ -248,36 +248,45 @@ def _run_with_grads(fn, args: list, leaves: list[torch.Tensor], grad_out: torch.
     return out.detach(), [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves)], grad_out
 
 
-def check_against_reference(workload: Workload, variant: Variant) -> tuple[dict[str, float], str | None]:
-    """Relative errors of the variant's output and input gradients against the reference on the
-    same inputs, and the reason to skip timing it (None when within CHECK_TOLERANCE)."""
+def check_against_reference(workload: Workload, variants: list[Variant]) -> dict[str, tuple[dict, str | None]]:
+    """Per variant: relative errors of its output and input gradients against the reference on
+    one set of inputs, and the reason not to time it (None when within CHECK_TOLERANCE)."""
     args, leaves = workload.make_inputs()
     try:
         ref_out, ref_grads, grad_out = _run_with_grads(REFERENCES[workload.op], args, leaves, None)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # the reference itself out of memory
-        return {}, None if "out of memory" in str(error) else f"reference failed: {error}"[:200]
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as error:  # e.g. the reference out of memory
+        note = None if "out of memory" in str(error) else f"reference failed: {error}"[:200]
+        return {variant.name: ({}, note) for variant in variants}
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    out, grads, _ = _run_with_grads(variant.fn, args, leaves, grad_out)
     names = ["output"] + [f"grad{index}" for index in range(len(leaves))]
-    errors = {name: _relative_error(value, expected) for name, value, expected in
-              zip(names, [out, *grads], [ref_out, *ref_grads])}
     tolerance = CHECK_TOLERANCE[workload.dtype]
-    bad = {name: error for name, error in errors.items() if not error <= tolerance}
-    problem = f"output check: relative errors {bad} exceed {tolerance:g}" if bad else None
-    return errors, problem
+    checks = {}
+    for variant in variants:
+        try:
+            out, grads, _ = _run_with_grads(variant.fn, args, leaves, grad_out)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            checks[variant.name] = ({}, f"{type(error).__name__}: {error}"[:300])
+            continue
+        errors = {name: _relative_error(value, expected) for name, value, expected in
+                  zip(names, [out, *grads], [ref_out, *ref_grads])}
+        bad = {name: error for name, error in errors.items() if not error <= tolerance}
+        checks[variant.name] = (errors, f"output check: relative errors {bad} exceed {tolerance:g}" if bad else None)
+        del out, grads
+    return checks
 
 
 def time_variants(workloads: list[Workload], variants_for, device: torch.device, repeats: int) -> list[Result]:
-    """Check each (workload, variant) against the reference, then time it forward and forward+backward."""
+    """Check each workload's variants against the reference, then time each forward and forward+backward."""
     results = []
     for workload in workloads:
-        for variant in variants_for(workload):
-            try:
-                errors, problem = check_against_reference(workload, variant)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-                errors, problem = {}, f"{type(error).__name__}: {error}"[:300]
+        variants = variants_for(workload)
+        checks = check_against_reference(workload, variants)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for variant in variants:
+            errors, problem = checks[variant.name]
             for mode in ("forward", "forward+backward"):
                 if problem is None:
                     result = measure(workload, variant, mode, device, repeats)

@@ -108,7 +108,9 @@ def poisoned_allocations() -> Iterator[None]:
 #   * tl.dot widens bf16 operands exactly to fp32 (bf16 is the top half of an fp32 word);
 #   * casts from bf16 widen exactly, casts to bf16 round the fp32 value to nearest even;
 #   * elementwise ops on bf16 compute in fp32 and round the result to bf16 (a correctly rounded
-#     bf16 result, since fp32 carries more than 2·8 + 2 mantissa bits).
+#     bf16 result, since fp32 carries more than 2·8 + 2 mantissa bits);
+#   * tl.sum / tl.max / tl.min of bf16 reduce the fp32 values (the sum rounded once at the end).
+# Not covered: scans (tl.cumsum) and tl.reduce with a custom combine function on bf16.
 # fp16 needs no shim: numpy's float16 is IEEE binary16 with round-to-nearest-even casts.
 # ---------------------------------------------------------------------------------------------
 
@@ -175,21 +177,60 @@ def _bf16_builder_patches() -> dict:
     return {"create_dot": create_dot, "cast_impl": cast_impl, "binary_op": binary_op, "unary_op": unary_op}
 
 
-@contextlib.contextmanager
-def bf16_interpreter_shim() -> Iterator[None]:
-    """Inside the block, Triton's interpreter treats bf16 as a GPU does (dots, casts, arithmetic)."""
+def _bf16_reduce_patches() -> dict:
+    """Replacements for the interpreter's ReduceOps.sum / min_max: bf16 reduced as fp32 values
+    (a sum rounded once to bf16 at the end: at least as accurate as a GPU's bf16 tree sum)."""
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import interpreter
 
-    builder_cls = interpreter.InterpreterBuilder
-    patches = _bf16_builder_patches()
-    originals = {name: builder_cls.__dict__[name] for name in patches}
-    for name, method in patches.items():
-        setattr(builder_cls, name, method)
+    reduce_cls = interpreter.ReduceOps
+    original_sum, original_min_max = reduce_cls.sum, reduce_cls.min_max
+
+    def widened(tensor):
+        handle = interpreter.TensorHandle(bf16_bits_to_float32(tensor.handle.data), tl.float32)
+        return tl.core.tensor(handle, tensor.type.with_element_ty(tl.float32) if tensor.type.is_block() else tl.float32)
+
+    def narrowed(tensor):
+        bits = float32_to_bf16_bits(np.asarray(tensor.handle.data, dtype=np.float32))
+        handle = interpreter.TensorHandle(bits, tl.bfloat16)
+        return tl.core.tensor(handle, tensor.type.with_element_ty(tl.bfloat16) if tensor.type.is_block() else tl.bfloat16)
+
+    def is_bf16(tensor) -> bool:
+        return isinstance(tensor, tl.core.tensor) and tensor.dtype.scalar == tl.bfloat16
+
+    def sum_(self, input):
+        return narrowed(original_sum(self, widened(input))) if is_bf16(input) else original_sum(self, input)
+
+    def min_max(self, input, val_reduce_op, idx_reduce_op=None):
+        value = input[0] if isinstance(input, tuple) else input
+        if not is_bf16(value):
+            return original_min_max(self, input, val_reduce_op, idx_reduce_op)
+        out = original_min_max(self, widened(value), val_reduce_op, idx_reduce_op)
+        if isinstance(out, tuple):
+            return narrowed(out[0]), out[1]
+        return out if idx_reduce_op is not None and val_reduce_op is None else narrowed(out)
+
+    return {"sum": sum_, "min_max": min_max}
+
+
+@contextlib.contextmanager
+def bf16_interpreter_shim() -> Iterator[None]:
+    """Inside the block, Triton's interpreter treats bf16 as a GPU does (dots, casts, arithmetic,
+    sum / max / min reductions)."""
+    from triton.runtime import interpreter
+
+    targets = [(interpreter.InterpreterBuilder, _bf16_builder_patches()), (interpreter.ReduceOps, _bf16_reduce_patches())]
+    originals = [(cls, {name: cls.__dict__[name] for name in patches}) for cls, patches in targets]
+    for cls, patches in targets:
+        for name, method in patches.items():
+            setattr(cls, name, method)
     try:
         yield
     finally:
-        for name, method in originals.items():
-            setattr(builder_cls, name, method)
+        for cls, saved in originals:
+            for name, method in saved.items():
+                setattr(cls, name, method)
 
 
 @contextlib.contextmanager

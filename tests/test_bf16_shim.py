@@ -55,6 +55,15 @@ def _arith_kernel(x_ptr, y_ptr, out_ptr, N: tl.constexpr):
     tl.store(out_ptr + offs, x * y + x)  # bf16 × bf16 -> bf16, then + bf16 -> bf16
 
 
+@triton.jit
+def _reduce_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs[:, None] * N + offs[None, :])  # bf16 (N, N)
+    tl.store(out_ptr + offs, tl.sum(x, 1))
+    tl.store(out_ptr + N + offs, tl.max(x, 1))
+    tl.store(out_ptr + 2 * N + offs, tl.min(x, 0))
+
+
 def _bf16_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.float32)
     _dot_kernel[(1,)](a, b, out, N=a.shape[0])
@@ -101,6 +110,19 @@ def test_bf16_elementwise_arithmetic_is_correctly_rounded() -> None:
     with bf16_interpreter_shim():
         _arith_kernel[(1,)](x, y, out, N=32)
     assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), f"seed={seed}"
+
+
+def test_bf16_reductions_reduce_values_not_bits() -> None:
+    seed = fresh_seed()
+    x = torch.randn(16, 16).to(torch.bfloat16)  # negative values: their bit patterns sort wrongly
+    expected = torch.cat([x.float().sum(1).to(torch.bfloat16), x.max(1).values, x.min(0).values])
+    out = torch.empty(48, dtype=torch.bfloat16)
+    _reduce_kernel[(1,)](x, out, N=16)
+    assert not torch.equal(out, expected), "unshimmed bf16 reductions are expected to be wrong"
+    with bf16_interpreter_shim():
+        _reduce_kernel[(1,)](x, out, N=16)
+    assert torch.equal(out[16:], expected[16:]), f"seed={seed}: max/min"
+    assert relative_error(out[:16], x.double().sum(1)) < 8e-3, f"seed={seed}: sum within a bf16 rounding"
 
 
 def test_cuda_launch_configs_reach_the_launchers() -> None:

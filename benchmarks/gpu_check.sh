@@ -80,7 +80,7 @@ for module in deepspeed webdataset wfdb; do
 done
 
 # 1. GPU-marked tests + the kernel test modules on CUDA
-TEST_FILES=$(ls tests/test_attention_pool.py tests/test_local_contrastive.py tests/test_infonce.py 2> /dev/null;
+TEST_FILES=$(ls tests/test_attention_pool.py tests/test_local_contrastive.py tests/test_infonce*.py 2> /dev/null;
              grep -l "mark.gpu" tests/test_*.py 2> /dev/null)
 TEST_FILES=$(echo "$TEST_FILES" | sort -u | tr '\n' ' ')
 run_stage tests 150 "$PY" -m pytest $TEST_FILES -m "gpu or not slow" -q -p no:cacheprovider \

@@ -61,7 +61,7 @@ The kernels only see local tensors; the communication is in ``_DistributedInfoNC
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -210,6 +210,9 @@ def _infonce_bwd_kernel(
 
 _FORCED: dict[str, dict[str, int]] = {}
 _AUTOTUNERS: dict[tuple, object] = {}
+# A stand-in for triton's do_bench: when set, CPU tensors go through the autotuner too (tests
+# run its path — every config, reset_to_zero between trials — under the interpreter).
+AUTOTUNE_BENCH: Callable | None = None
 
 
 def _launch_configs(kind: str, dim: int, dtype: torch.dtype, device: torch.device) -> list[dict[str, int]]:
@@ -257,9 +260,9 @@ def _kernel_and_configs(kind: str, x: torch.Tensor) -> tuple[object, list[dict[s
     if kind in _FORCED:
         return kernel, [_FORCED[kind]], dict(_FORCED[kind])
     configs = _launch_configs(kind, x.shape[1], x.dtype, x.device)
-    if not x.is_cuda or len(configs) == 1:
+    if not (x.is_cuda or AUTOTUNE_BENCH is not None) or len(configs) == 1:
         return kernel, configs[:1], dict(configs[0])
-    key = (kind, x.dtype, configs[0]["BLOCK_D"])
+    key = (kind, x.dtype, configs[0]["BLOCK_D"], AUTOTUNE_BENCH)
     if key not in _AUTOTUNERS:
         _AUTOTUNERS[key] = triton.autotune(
             configs=[
@@ -268,7 +271,8 @@ def _kernel_and_configs(kind: str, x: torch.Tensor) -> tuple[object, list[dict[s
                 for c in configs
             ],
             key=["num_rows", "num_cols", "dim"],  # the autotuner adds the tensors' dtypes
-            reset_to_zero=["dx_ptr", "dt_ptr"] if kind == "bwd" else None,
+            reset_to_zero=["dx_ptr", "dt_ptr", "dscale_ptr"] if kind == "bwd" else None,
+            do_bench=AUTOTUNE_BENCH,
         )(kernel)
     return _AUTOTUNERS[key], configs, {}
 

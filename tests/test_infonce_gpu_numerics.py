@@ -58,3 +58,25 @@ def test_infonce_every_autotune_config_bf16() -> None:
         fwd_config, bwd_config = fwd_config or fwd[0], bwd_config or bwd[0]
         with infonce.forced_launch_config(fwd=fwd_config, bwd=bwd_config):
             _check(70, 256, torch.bfloat16, 30.0, f"seed={seed} fwd={fwd_config} bwd={bwd_config}")
+
+
+def test_infonce_autotuner_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch path a GPU takes: triton.autotune over the CUDA configs (a stand-in for do_bench
+    that runs each config twice and prefers the last), then the chosen config. Benchmark trials
+    accumulate into the atomically-updated outputs; the result must still be exact."""
+    seed = fresh_seed()
+    trials: list[int] = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        trials.append(1)
+        return [1.0 / len(trials)] * len(quantiles)
+
+    monkeypatch.setattr(infonce, "AUTOTUNE_BENCH", bench)
+    monkeypatch.setattr(infonce, "_AUTOTUNERS", {})
+    bwd = infonce._launch_configs("bwd", 72, torch.float32, torch.device("cuda"))
+    assert len({config["BLOCK_M"] for config in bwd}) > 1, "the backward space should vary BLOCK_M"
+    _check(45, 72, torch.float32, 100.0, f"seed={seed} autotuned")
+    fwd = infonce._launch_configs("fwd", 72, torch.float32, torch.device("cuda"))
+    assert len(trials) == len(fwd) + len(bwd)

@@ -121,7 +121,7 @@ class MELPTask(Task):
         if len(local) < len(sets):
             log.warning("training_data.json records local shard sets only; not the streamed %s",
                         [s for s in sets if s not in local])
-        write_training_data(path, local)
+        write_training_data(path, local, streamed=[s for s in sets if s not in local])
 
 
 def _group() -> Any:

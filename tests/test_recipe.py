@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from melp_scale.shard.build import BuildConfig, run_build
@@ -25,7 +24,7 @@ SCRIPT = os.path.join(REPO, "launch", "recipes", "paper.sh")
 def run_recipe(cwd, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, LAUNCHER=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     return subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, check=False)
 
 
 def test_unknown_argument_is_refused(tmp_path):

@@ -60,7 +60,12 @@ class ZeroShotSelection:
     def _index(self) -> list[tuple[list, Any, list[tuple[str, Any]]]]:
         """Per shard set: (the refs of the samples any of its tasks scores, DataConfig,
         [(name, TaskData with rows into those refs)]); a set's ECGs are encoded once."""
-        from melp_scale.evaluate.data import DataConfig, TaskData, index_shards, task_data
+        from melp_scale.evaluate.data import (
+            DataConfig,
+            TaskData,
+            index_shards,
+            task_data,
+        )
 
         groups: dict[str, dict[str, Any]] = {}
         for shards, task in self.sets:

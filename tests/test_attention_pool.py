@@ -239,7 +239,7 @@ def test_attention_pool_double_backward_raises() -> None:
     inputs = [t.requires_grad_() for t in (queries, keys, values)]
     out = pool_op.attention_pool(*inputs, 2, impl="triton")
     grads = torch.autograd.grad((out * out).sum(), inputs, create_graph=True)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
+    with pytest.raises(RuntimeError, match="(?i)autograd|differentiab"):  # wording varies by torch version
         torch.autograd.grad(sum(g.sum() for g in grads), inputs)
 
 

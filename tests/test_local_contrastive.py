@@ -251,7 +251,7 @@ def test_local_loss_double_backward_raises() -> None:
     inputs = [v.requires_grad_() for v in (beats, sentences)]
     loss = local.local_contrastive_loss(*inputs, counts, impl="triton")
     grads = torch.autograd.grad(loss, inputs, create_graph=True)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
+    with pytest.raises(RuntimeError, match="(?i)autograd|differentiab"):  # wording varies by torch version
         torch.autograd.grad(grads[0].sum() + grads[1].sum(), inputs)
 
 

@@ -3,7 +3,9 @@
 Every run draws fresh inputs (the seed is in each failure message). Loss and the
 gradients of x, t and logit_scale are compared by relative error ||out − ref|| / ||ref||
 with a grad_output != 1; kernel outputs are allocated NaN-filled so an unwritten element
-fails. A 2-process gloo test checks that the sharded loss and gradients equal the
+fails (dx and dt are accumulated atomically into zeroed buffers: a missing contribution
+shows up as an error against the reference). The interpreter's grid has several column
+splits at these sizes, so the (m, l) merge is exercised. A 2-process gloo test checks that the sharded loss and gradients equal the
 single-process ones on the concatenated batch, for the reference and the Triton op.
 """
 

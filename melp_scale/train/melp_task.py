@@ -38,19 +38,17 @@ class MELPTask(Task):
 
     def prepare_data(self, placement: Placement) -> None:
         data = self.config.data
-        if (placement.rank != 0 or data.sources or is_url(data.shards)
-                or os.path.isfile(os.path.join(data.shards, "manifest.json"))):
+        if placement.rank != 0 or data.sources or is_url(data.shards):
             return
-        if not data.build_demo_if_missing:
+        if data.build_demo_if_missing:
+            # the synthetic demo set at data.shards and, for selection sets of synthetic tasks,
+            # separately simulated held-out sets (melp_scale/shard/sources/synthetic.py)
+            from melp_scale.shard.sources.synthetic import build_demo_sets
+
+            build_demo_sets(data.shards, self.config.select.sets, workers=os.cpu_count() or 1)
+        elif not os.path.isfile(os.path.join(data.shards, "manifest.json")):
             raise ValueError(f"--shards {data.shards!r} has no manifest.json; build it with "
                              f"`python -m melp_scale.shard build ... --out {data.shards}`")
-        from melp_scale.shard.build import BuildConfig, run_build
-        from melp_scale.shard.sources import SourceOptions
-
-        log.info("no shards at %s: building the synthetic demo set there", data.shards)
-        run_build(BuildConfig(source="synthetic", out=data.shards, val_fraction=0.125,
-                              shard_size=48, workers=os.cpu_count() or 1,
-                              options=SourceOptions()))
 
     def build_model(self, placement: Placement) -> nn.Module:
         return MELP(self.melp_config)

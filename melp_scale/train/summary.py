@@ -1,6 +1,8 @@
 """The one-screen end-of-run summary."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 from melp_scale.train.engine import describe_batch
@@ -32,9 +34,23 @@ def print_summary(summary: dict[str, Any]) -> None:
         lines.append(f"checkpoint selection ({chosen['metric']}, every {chosen['every']} steps): "
                      + (f"best {best:.2f} at step {chosen['best_step']} -> {chosen['export_best']}"
                         if best is not None else "no finite score"))
+        lines += _selection_details(chosen.get("export_best"))
     lines.append(f"skipped non-finite steps: {summary['skipped_steps']}, "
                  f"bad samples: {summary['bad_samples']}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
     if summary.get("export"):
         lines.append(f"export ({summary.get('export_format') or 'model'}): {summary['export']}")
     print("\n".join(lines), flush=True)
+
+
+def _selection_details(export_best: str | None) -> list[str]:
+    """The best step's zero-shot AUC per task (``selection.json`` of export-best/): what the
+    demo prints for each factor of its held-out set."""
+    path = os.path.join(export_best or "", "selection.json")
+    if not export_best or not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        record = json.load(handle)
+    aucs = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("select_auc/")}
+    return [f"  zero-shot macro AUC x 100 at step {record.get('step')}: {name} {auc:.1f}"
+            for name, auc in aucs.items()]

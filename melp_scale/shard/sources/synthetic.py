@@ -77,6 +77,7 @@ PRECORDIAL_SCALE = 1.4
 # work of 500 Hz on the CPU).
 DEMO_SET = {"count": 1536, "records_per_subject": 2, "fs": 250, "val_fraction": 0.0625,
             "shard_size": 256}
+HELDOUT_SEED, HELDOUT_COUNT = 1000, 256  # the demo's separately simulated held-out set
 
 
 def _subject_settings(seed: int, subject: int) -> dict:
@@ -202,6 +203,28 @@ def demo_build_config(out: str, workers: int = 1, seed: int = 0, count: int | No
         signal=SignalConfig(fs=DEMO_SET["fs"]),
         options=SourceOptions(count=DEMO_SET["count"] if count is None else count,
                               records_per_subject=DEMO_SET["records_per_subject"], seed=seed))
+
+
+def build_demo_sets(train: str, select_sets: list[dict], workers: int = 1) -> None:
+    """What the demo run builds when missing: the demo set at ``train`` and, for each selection
+    set whose tasks are all synthetic, a separately simulated held-out set (other subjects:
+    seed ``HELDOUT_SEED``; every sample is scored) at its folder."""
+    import logging
+    import os
+
+    from melp_scale.shard.build import run_build
+
+    log = logging.getLogger("melp_scale.train")
+    wanted = [(train, {})]
+    held_out = {s["shards"] for s in select_sets}
+    held_out -= {s["shards"] for s in select_sets if not str(s["task"]).startswith("synthetic-")}
+    wanted += [(path, {"seed": HELDOUT_SEED, "count": HELDOUT_COUNT, "val_fraction": 0.0})
+               for path in sorted(held_out - {train})]
+    for path, settings in wanted:
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            log.info("no shards at %s: simulating the synthetic demo %s set there", path,
+                     "held-out" if settings else "training")
+            run_build(demo_build_config(path, workers=workers, **settings))
 
 
 def list_records(root: str | None, options: SourceOptions) -> Listing:

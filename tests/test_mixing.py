@@ -141,8 +141,8 @@ def test_trainer_reads_data_sources(tmp_path):
     a.mkdir(), b.mkdir()
     make_shards(a, (10, 6), val_sizes=(3,))
     make_shards(b, (8,), val_sizes=(2,))
-    config = load_train_config("demo", [f"data.sources=[{{shards: {a}, weight: 0.75}}, {{shards: {b}, weight: 0.25}}]",
-                                        "data.num_workers=0"])
+    sources = f"data.sources=[{{shards: {a}, weight: 0.75}}, {{shards: {b}, weight: 0.25}}]"
+    config = load_train_config("demo", [sources, "data.num_workers=0"])
     train, val = MELPTask(config).build_loaders(Placement(0, 1, torch.device("cpu")), 4)
     assert train.shards.epoch_counts().tolist() == [18, 6] and train.source_names == ("a", "b")
     assert val is not None and val.shards.num_samples == 5
@@ -153,8 +153,10 @@ def test_resume_refuses_changed_weights(tmp_path, tokenizer):
     a.mkdir(), b.mkdir()
     make_shards(a, (10, 6))
     make_shards(b, (8, 8))  # the same total: only the weights differ
-    state = mixed(tokenizer, [{"shards": str(a), "weight": 0.5}, {"shards": str(b), "weight": 0.5}]).state_dict()
+    def weighted(w: float) -> StreamLoader:
+        return mixed(tokenizer, [{"shards": str(a), "weight": w}, {"shards": str(b), "weight": 1 - w}])
+
+    state = weighted(0.5).state_dict()
     with pytest.raises(ValueError, match="weights"):
-        mixed(tokenizer, [{"shards": str(a), "weight": 0.8}, {"shards": str(b), "weight": 0.2}]).load_state_dict(state)
-    same = mixed(tokenizer, [{"shards": str(a), "weight": 0.5}, {"shards": str(b), "weight": 0.5}])
-    same.load_state_dict(state)  # unchanged: accepted
+        weighted(0.8).load_state_dict(state)
+    weighted(0.5).load_state_dict(state)  # unchanged: accepted

@@ -75,30 +75,34 @@ def manifest_samples(manifest: dict[str, Any], where: str) -> list[SampleHash]:
     return samples
 
 
-def find_duplicates(sets: list[tuple[str, dict[str, Any]]], eval_sets: Iterable[tuple[str, dict[str, Any]]] = ()
-                    ) -> list[dict[str, Any]]:
+def find_duplicates(sets: list[tuple[str, dict[str, Any]]],
+                    eval_sets: Iterable[tuple[str, dict[str, Any]]] = ()) -> list[dict[str, Any]]:
     """The samples of ``sets`` (``(label, manifest)``) to exclude (module docstring, 2)."""
-    owners: dict[tuple[str, str], tuple[str, str, str]] = {}  # (kind, hash) -> (label, record, key)
+    # (kind, hash) -> (role, set label, record id, key) of the record that holds it first
+    owners: dict[tuple[str, str], tuple[str, str, str, str]] = {}
     for label, manifest in eval_sets:
         for s in manifest_samples(manifest, label):
             for kind, value in (("exact", s.exact), ("near", s.near)):
-                owners.setdefault((kind, value), ("eval", f"{label}:{s.record_id}", s.key))
+                owners.setdefault((kind, value), ("eval", label, s.record_id, s.key))
     excluded = []
     for label, manifest in sets:
         digest = set_digest(manifest)
         for s in manifest_samples(manifest, label):
-            record = f"{label}:{s.record_id}"
-            match = next(((kind, owners[(kind, value)]) for kind, value in (("exact", s.exact), ("near", s.near))
-                          if (kind, value) in owners and owners[(kind, value)][1] != record), None)
+            match = None
+            for kind, value in (("exact", s.exact), ("near", s.near)):
+                owner = owners.get((kind, value))
+                if owner is not None and owner[1:3] != (label, s.record_id):  # not its own window
+                    match = (kind, owner)
+                    break
             if match is None:
-                owners.setdefault(("exact", s.exact), ("train", record, s.key))
-                owners.setdefault(("near", s.near), ("train", record, s.key))
+                owners.setdefault(("exact", s.exact), ("train", label, s.record_id, s.key))
+                owners.setdefault(("near", s.near), ("train", label, s.record_id, s.key))
                 continue
-            kind, (role, owner, owner_key) = match
+            kind, (role, owner_label, _, owner_key) = match
             excluded.append({"set": digest, "spec": label, "shard": s.shard, "index": s.index,
                              "key": s.key, "record_id": s.record_id,
                              "reason": f"eval-{kind}" if role == "eval" else kind,
-                             "duplicate_of": f"{owner.rsplit(':', 1)[0]}:{owner_key}"})
+                             "duplicate_of": f"{owner_label}:{owner_key}"})
     return excluded
 
 

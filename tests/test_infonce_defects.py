@@ -49,8 +49,8 @@ def test_double_backward_raises() -> None:
     t = _unit_rows(9, 16, torch.float32).to(DEVICE)
     loss = infonce.infonce_loss(x, t, torch.tensor(2.0, device=DEVICE), impl="triton")
     (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="(?i)differentiate twice|no autograd formula"):
-        (grad_x * x).sum().backward()  # would silently give grad_x and miss the Hessian term
+    with pytest.raises(RuntimeError, match="(?i)autograd|differentiat"):
+        (grad_x * x).sum().backward()  # would silently give grad_x and miss the Hessian term (wording varies by torch version)
 
 
 def _near_zero_inputs(num_rows: int, dim: int, cosine: float) -> torch.Tensor:

@@ -564,4 +564,4 @@ def infonce_loss(
     return _DistributedInfoNCEFunction.apply(x, t, logit_scale, group)
 
 
-__all__ = ["infonce_loss", "infonce_forward", "infonce_backward", "forced_launch_config", "positive_terms"]
+__all__ = ["forced_launch_config", "infonce_backward", "infonce_forward", "infonce_loss", "positive_terms"]

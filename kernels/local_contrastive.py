@@ -31,7 +31,7 @@ Kernels (R, B × B fp32 and saved for the backward, is the only B²-sized tensor
     _local_bwd_kernel    per (text i, block of ECGs), one kernel for both gradients: recomputes
                          each pair's forward once and writes the pair's small factors T_ij
                          (Qb × S), W_ij = v_ij·α_ijᵀ (Qb × Qb) and dcos·cos (S) in fp32. The
-                         D-wide sums over partners are then two dense GEMMs (tensor cores):
+                         D-wide sums over partners are then two dense fp32 GEMMs (cuBLAS):
                          ∂L/∂s = T·b (contracting j, q),  ∂L/∂b = Tᵀ·s (contracting i, k) − W·b.
                          Texts are processed in chunks so the factors stay ≤ FACTOR_BYTES.
 The symmetric cross entropy on M = τ3·Rᵀ is plain torch (B² floats); its gradient dR feeds the
@@ -41,7 +41,7 @@ Work per pair: forward Qb·S·D (A) + Qb²·D/B (Gram, amortised) multiply-adds,
 (A recomputed) + 2·Qb·S·D (the two GEMMs): 4·Qb·S·D multiply-adds per pair per training step.
 
 Numerics: every product is accumulated in fp32; A (and G) take the input dtype's operands
-(fp32 inputs: 3×TF32 dots, near-fp32 accuracy); everything after A is fp32, the GEMMs too
+(fp32 inputs: 3×TF32 dots for A, exact fp32 for G); everything after A is fp32, the GEMMs too
 (fp32 operands: dR ~ 1/B'² would underflow in fp16). Gradients are returned in the input dtype.
 The ops are registered with torch.library (``melp_kernels::local_similarity`` and its
 backward); their backward is not differentiable (double backward raises).

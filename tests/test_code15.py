@@ -11,6 +11,7 @@ from scipy.signal import resample_poly
 
 h5py = pytest.importorskip("h5py")
 
+from melp_scale.evaluate.tasks import get_task  # noqa: E402
 from melp_scale.shard.build import BuildConfig, run_build  # noqa: E402
 from melp_scale.shard.preprocess import SignalConfig  # noqa: E402
 from tests.shard_trees import ecg_like  # noqa: E402
@@ -80,6 +81,11 @@ def test_code15_layout_built_into_shards(tmp_path):
         assert not ecg[:, length:].any()
         splits.setdefault(meta["subject"], set()).add(meta["split"])
     assert all(len(s) == 1 for s in splits.values())  # patient 7's two exams in one split
+    task = get_task("code15")  # the evaluation task reads these labels
+    assert len(task.prompts()) == 6
+    for _, meta, _ in samples.values():
+        classes = expected[int(meta["record_id"])]["classes"]
+        assert task.label_row(meta["labels"]) == [int(c in classes) for c in task.class_names]
     skipped = {r["record_id"]: r["reason"] for r in manifest_of(out)["skipped_records"]}
     assert skipped == {"103": "all_zero", "999": "no_tracing"}
 

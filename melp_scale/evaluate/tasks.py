@@ -10,6 +10,7 @@ split CSVs; ``aliases`` are other column names a split CSV may use for the same 
 |---|---|---|---|
 | ptbxl-super / -sub / -form / -rhythm | ptbxl | ptbxl_super / _sub / _form / _rhythm | 5 / 23 / 19 / 12 |
 | cpsc2018 | challenge | dx, dx_abbrev | the 9 CPSC2018 classes (CPSC abbreviations and SNOMED codes) |
+| code15 | code15 | code15 | 1dAVb, RBBB, LBBB, SB, AF, ST (CODE's ST is sinus tachycardia) |
 | csn | challenge | dx | the 38 classes of the published CSN split (Chapman acronyms -> SNOMED codes) |
 | synthetic-rate | synthetic | rate | bradycardia / normal / tachycardia |
 | synthetic-rhythm / -qrs / -voltage / -noise | synthetic | regular / wide_qrs / low_voltage / noisy | two classes each |
@@ -171,6 +172,8 @@ TASKS: dict[str, Task] = {task.name: task for task in (
     Task("cpsc2018", "CPSC2018", "challenge", ("dx", "dx_abbrev"), CPSC2018, "seeded", True,
          record_pattern=r"A\d+"),
     Task("csn", "CSN", "challenge", ("dx",), CSN, "seeded", True, record_pattern=r"JS\d+"),
+    Task("code15", "CODE-15", "code15", ("code15",), tuple(TaskClass(c, (c,)) for c in (
+        "1dAVb", "RBBB", "LBBB", "SB", "AF", "ST")), "seeded", drop_unlabelled=False),
     _synthetic("synthetic-rate", "Synth-Rate", "rate", (
         TaskClass("bradycardia", ("brady",)), TaskClass("normal", ("normal",)),
         TaskClass("tachycardia", ("tachy",)))),

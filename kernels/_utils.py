@@ -215,6 +215,20 @@ def validate_infonce(x: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor
     check_same_device(op, x=x, t=t, logit_scale=logit_scale)
 
 
+def validate_positive_ids(op: str, positive_ids: torch.Tensor | None, num_rows: int, device: torch.device) -> None:
+    """Multi-positive ids: None, or an integer (N,) tensor on the features' device (equal ids
+    mark pairs that are each other's positives, e.g. identical reports)."""
+    if positive_ids is None:
+        return
+    if not isinstance(positive_ids, torch.Tensor) or positive_ids.shape != (num_rows,):
+        raise ValueError(f"{op}: positive_ids must be a tensor of shape ({num_rows},) (one id per pair)")
+    if positive_ids.is_floating_point() or positive_ids.is_complex() or positive_ids.dtype == torch.bool:
+        raise ValueError(f"{op}: positive_ids must be an integer tensor (e.g. int64 report hashes), "
+                         f"got {positive_ids.dtype}")
+    if positive_ids.device != device:
+        raise ValueError(f"{op}: positive_ids is on {positive_ids.device}, the features on {device}")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 inputs use 3×TF32 (≈ fp32 accuracy on tensor cores).
 

@@ -56,6 +56,17 @@ grad_output; dx stays local, dT (N × D, fp32) is reduce-scattered (sum). Each r
 features get W·∂L/∂(features) and logit_scale the share of its rows (the shares sum to
 autograd's total), so averaging gradients over ranks (DDP / DeepSpeed) gives ∂L/∂θ.
 The kernels only see local tensors; the communication is in ``_DistributedInfoNCEFunction``.
+
+Multi-positive targets (``positive_ids`` (N_l,) int, e.g. report hashes): the target of row i
+is T_ij = [id_i = id_j]/c_i, c_i = #{j : id_j = id_i} over the (global) batch, columns alike
+(T is symmetric). Then rowLSE_i − Σ_j T_ij S_ij = (rowLSE_i − S_ii) + s·⟨x_i, t_i − U_i/c_i⟩
+with U_i = Σ_{j: id_j = id_i} t_j (columns: V_j = Σ_{i: id_i = id_j} x_i): the soft loss is the
+kernels' loss plus an O(N·D) term that autograd differentiates, so the total gradient on the
+logits is G = (P + Q)/(2N) − (T_row + T_col)/(2N), and the N × N target matrix never exists.
+The group sums come from a sort of the ids (no host sync, static shapes; graph-capturable);
+distributed, x and t are all-gathered with gradient for them (2 N·D more traffic). All ids
+distinct makes the extra term exactly 0 (t_i − t_i/1), so loss and gradients equal the
+single-positive op bit for bit.
 """
 
 from __future__ import annotations
@@ -79,6 +90,7 @@ from kernels._utils import (
     resolve_impl,
     uses_cuda_launch_configs,
     validate_infonce,
+    validate_positive_ids,
 )
 
 MAX_BLOCK_D = 512
@@ -537,12 +549,50 @@ class _DistributedInfoNCEFunction(torch.autograd.Function):
         return dx, dt.to(all_t.dtype), dscale.to(logit_scale.dtype), None
 
 
+def group_sums(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_{j: ids_j = ids_i} values_j (N, D), #{j : ids_j = ids_i} (N,)) for every row i.
+
+    Group numbers from a sort of the ids (static shapes, no host sync); differentiable in values.
+    """
+    order = torch.argsort(ids)
+    sorted_ids = ids[order]
+    starts = torch.ones_like(sorted_ids, dtype=torch.int64)
+    starts[1:] = (sorted_ids[1:] != sorted_ids[:-1]).to(torch.int64)
+    group = torch.empty_like(starts).scatter_(0, order, torch.cumsum(starts, 0) - 1)  # (N,) in [0, N)
+    sums = values.new_zeros(values.shape).index_add(0, group, values)
+    counts = values.new_zeros(values.shape[0]).index_add(0, group, torch.ones_like(values[:, 0]))
+    return sums[group], counts[group]
+
+
+def multi_positive_correction(
+    x: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor, positive_ids: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Soft-target loss − single-positive loss (this rank's share), fp32, differentiable:
+    1/(2N_l)·Σ_{i∈r} s·[⟨x_i, t_i − U_i/c_i⟩ + ⟨t_i, x_i − V_i/c_i⟩] (module docstring)."""
+    x32, t32 = x.float(), t.float()
+    all_x, all_t, all_ids, offset = x32, t32, positive_ids, 0
+    if group is not None:
+        all_x = reference._AllGatherWithGrad.apply(x32, group)
+        all_t = reference._AllGatherWithGrad.apply(t32, group)
+        all_ids = _all_gather_rows(positive_ids, group)
+        offset = dist.get_rank(group) * x.shape[0]
+    rows = slice(offset, offset + x.shape[0])
+    t_sums, counts = group_sums(all_ids, all_t)
+    x_sums, _ = group_sums(all_ids, all_x)
+    inv_counts = (1.0 / counts[rows])[:, None]
+    row_part = (x32 * (t32 - t_sums[rows] * inv_counts)).sum()
+    col_part = (t32 * (x32 - x_sums[rows] * inv_counts)).sum()
+    return logit_scale.float().exp() * (row_part + col_part) / (2 * x.shape[0])
+
+
 def infonce_loss(
     x: torch.Tensor,
     t: torch.Tensor,
     logit_scale: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     impl: Impl = "auto",
+    positive_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of L2-normalised x, t (N, D) at scale exp(logit_scale); 0-d float32.
 
@@ -550,18 +600,28 @@ def infonce_loss(
     ValueError on every rank) and gets its share of the full-batch loss (mean over ranks =
     full-batch loss); gradients follow the DDP convention described in the module docstring.
     ``impl``: "auto" | "reference" | "triton" (see ``kernels._utils.resolve_impl``).
+    ``positive_ids`` (N,) int: rows with equal ids are each other's positives (soft targets,
+    module docstring); None is the paper's one-positive loss.
     """
     validate_infonce(x, t, logit_scale)
+    validate_positive_ids("infonce_loss", positive_ids, x.shape[0], x.device)
     use_triton = resolve_impl(impl, "infonce_loss", [x, t, logit_scale], has_triton=True) == "triton"
     if group is not None:
         check_equal_rows(x, group)
     if not use_triton:
-        return reference.infonce_loss(x, t, logit_scale, group)
+        return reference.infonce_loss(x, t, logit_scale, group, positive_ids)
     if group is None:
         feature_block(x.shape[1], "infonce_loss", MAX_BLOCK_D)  # a clear error before entering the op
         _check_kernels(x)
-        return torch.ops.melp_kernels.infonce_forward(x, t, logit_scale)[0]
-    return _DistributedInfoNCEFunction.apply(x, t, logit_scale, group)
+        loss = torch.ops.melp_kernels.infonce_forward(x, t, logit_scale)[0]
+    else:
+        loss = _DistributedInfoNCEFunction.apply(x, t, logit_scale, group)
+    if positive_ids is None:
+        return loss
+    return loss + multi_positive_correction(x, t, logit_scale, positive_ids, group)
 
 
-__all__ = ["forced_launch_config", "infonce_backward", "infonce_forward", "infonce_loss", "positive_terms"]
+__all__ = [
+    "forced_launch_config", "group_sums", "infonce_backward", "infonce_forward", "infonce_loss",
+    "multi_positive_correction", "positive_terms",
+]

@@ -64,6 +64,7 @@ from kernels._utils import (
     resolve_impl,
     uses_cuda_launch_configs,
     validate_local_contrastive,
+    validate_positive_ids,
 )
 
 OP = "local_contrastive_loss"
@@ -421,8 +422,13 @@ def local_contrastive_loss(
     t2: float = 5.0,
     t3: float = 10.0,
     impl: Impl = "auto",
+    positive_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """METHOD.md §3 local loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j); 0-d float32.
+
+    ``positive_ids`` (B,) int (e.g. report hashes): multi-positive soft targets on M, uniform
+    over the kept pairs with the same id, both directions (``reference.local_loss_from_similarity``;
+    the kernels' backward takes its dR, so both paths share it). None: the paper's loss.
 
     beats (B, Qb, D); sentences (B, S, D), zero-padded past each text's count; sentence_counts
     (B,) int in [0, S]. Texts with no sentence and their ECGs are left out of both sides of M;
@@ -430,7 +436,9 @@ def local_contrastive_loss(
     it is 0. No host sync. ``impl``: "auto" | "reference" | "triton" (``kernels._utils.resolve_impl``).
     """
     validate_local_contrastive(beats, sentences, sentence_counts)
+    validate_positive_ids(OP, positive_ids, beats.shape[0], beats.device)
     if resolve_impl(impl, OP, [beats, sentences], has_triton=True) == "reference" or beats.shape[0] == 0:
-        return reference.local_contrastive_loss(beats, sentences, sentence_counts, t1, t2, t3)  # B = 0: no grid
+        return reference.local_contrastive_loss(  # B = 0: no grid
+            beats, sentences, sentence_counts, t1, t2, t3, positive_ids)
     similarity = local_similarity(beats, sentences, sentence_counts, t1, t2)  # R[i, j]: (B, B)
-    return reference.local_loss_from_similarity(similarity, sentence_counts > 0, t3)
+    return reference.local_loss_from_similarity(similarity, sentence_counts > 0, t3, positive_ids)

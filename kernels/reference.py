@@ -9,11 +9,17 @@ attention_pool(queries (Q, D) | (B, Q, D), keys (B, N, D), values (B, N, D), num
                key_padding_mask (B, N) bool | None) -> (B, Q, D), dtype of values
     per head h (d = D / num_heads): softmax(q_h k_hᵀ / √d, masked keys -> −∞) v_h.
 local_contrastive_loss(beats (B, Qb, D), sentences (B, S, D), sentence_counts (B,) int,
-                       t1, t2, t3) -> 0-d, float32 | float64
+                       t1, t2, t3, positive_ids (B,) int | None) -> 0-d, float32 | float64
     pairs whose text has no sentence are dropped from both sides of M (B' = kept pairs).
-infonce_loss(x (N, D), t (N, D), logit_scale 0-d, group) -> 0-d, float32 | float64
+infonce_loss(x (N, D), t (N, D), logit_scale 0-d, group, positive_ids (N,) int | None)
+        -> 0-d, float32 | float64
     ½ [CE(s·X·Tᵀ, I) + CE(s·T·Xᵀ, I)], s = exp(logit_scale); with a process group, local
     rows against gathered columns (open_clip's local loss with gather-with-gradient).
+
+Multi-positive targets (``positive_ids``, e.g. a hash of each report): the identity target I
+becomes the soft target T_ij = [id_i = id_j] / #{j : id_j = id_i} in both directions (rows
+and columns), so pairs with identical reports are each other's positives, not negatives.
+All ids distinct gives I back.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels._utils import compute_dtype, validate_attention_pool, validate_infonce, validate_local_contrastive
+from kernels._utils import (
+    compute_dtype,
+    validate_attention_pool,
+    validate_infonce,
+    validate_local_contrastive,
+    validate_positive_ids,
+)
 
 COSINE_EPS = 1e-8  # floor on each norm in the beat-sentence cosine (a zero vector gives cos 0)
 
@@ -98,21 +110,31 @@ def local_similarity(
     return torch.logsumexp(t2 * cosine, dim=-1)
 
 
-def local_loss_from_similarity(similarity: torch.Tensor, keep: torch.Tensor, t3: float) -> torch.Tensor:
+def local_loss_from_similarity(
+    similarity: torch.Tensor, keep: torch.Tensor, t3: float, positive_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """½[CE(M, I) + CE(Mᵀ, I)] over the kept pairs, M[j, i] = t3·R(i, j), without host syncs.
 
     Rows and columns of dropped pairs are masked out (their entries get exactly zero gradient);
     each cross entropy is summed as per-row differences lse_j − M_jj (no Σlse − Σdiag
     cancellation) and divided by B' = keep.sum(); B' = 0 gives 0, B' = 1 gives 0.
+    With ``positive_ids`` (B,) the target of row j is uniform over the kept i with
+    id_i = id_j (columns alike): lse_j − mean of those M_ji; distinct ids give I exactly.
     """
     logits = t3 * similarity.transpose(0, 1)  # M[j, i]
     pair = keep[:, None] & keep[None, :]
     eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
     # a dropped row/column keeps only its diagonal, at 0: its lse − diagonal is 0, finite
     masked = torch.where(pair, logits, torch.where(eye, 0.0, float("-inf")))
-    diagonal = masked.diagonal()
-    rows = torch.where(keep, torch.logsumexp(masked, dim=1) - diagonal, 0.0)
-    cols = torch.where(keep, torch.logsumexp(masked, dim=0) - diagonal, 0.0)
+    if positive_ids is None:
+        row_target = col_target = masked.diagonal()
+    else:  # mean of the positives' logits (the kept pairs with the same id; M_jj always among them)
+        same = pair & (positive_ids[:, None] == positive_ids[None, :])
+        positives = torch.where(same, masked, 0.0)  # never −inf·0
+        row_target = positives.sum(1) / same.sum(1).clamp_min(1)
+        col_target = positives.sum(0) / same.sum(0).clamp_min(1)
+    rows = torch.where(keep, torch.logsumexp(masked, dim=1) - row_target, 0.0)
+    cols = torch.where(keep, torch.logsumexp(masked, dim=0) - col_target, 0.0)
     return 0.5 * (rows.sum() + cols.sum()) / keep.sum().clamp_min(1)
 
 
@@ -123,8 +145,10 @@ def local_contrastive_loss(
     t1: float = 4.0,
     t2: float = 5.0,
     t3: float = 10.0,
+    positive_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """METHOD.md §3 local beat-sentence loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j).
+    """METHOD.md §3 local beat-sentence loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j)
+    (multi-positive soft targets with ``positive_ids``: see ``local_loss_from_similarity``).
 
     Pairs (text i, ECG i) whose text has no sentence are removed from both sides of M, so
     the B' remaining pairs stay aligned on the diagonal. With B' = 0 the loss is a zero
@@ -132,9 +156,10 @@ def local_contrastive_loss(
     the dropped pairs are masked, not indexed away.
     """
     validate_local_contrastive(beats, sentences, sentence_counts)
+    validate_positive_ids("local_contrastive_loss", positive_ids, beats.shape[0], beats.device)
     dtype = compute_dtype(beats, sentences)
     similarity = local_similarity(beats.to(dtype), sentences.to(dtype), sentence_counts, t1, t2)  # R[i, j]
-    return local_loss_from_similarity(similarity, sentence_counts > 0, t3)
+    return local_loss_from_similarity(similarity, sentence_counts > 0, t3, positive_ids)
 
 
 def infonce_loss(
@@ -142,8 +167,12 @@ def infonce_loss(
     t: torch.Tensor,
     logit_scale: torch.Tensor,
     group: dist.ProcessGroup | None = None,
+    positive_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of L2-normalised x (N, D) against t (N, D) at scale exp(logit_scale).
+
+    ``positive_ids`` (N,) int (this rank's rows): soft targets, uniform over the (gathered)
+    columns with the row's id, in both directions (explicit soft-target cross entropy).
 
     With ``group``, each rank passes its own N_l rows; x and t are all-gathered with
     gradient and the rank's loss is ½[CE(s·x_r·Tᵀ, I + o) + CE(s·t_r·Xᵀ, I + o)],
@@ -152,11 +181,15 @@ def infonce_loss(
     ranks (DDP / DeepSpeed) gives every parameter exactly ∂L/∂θ.
     """
     validate_infonce(x, t, logit_scale)
+    validate_positive_ids("infonce_loss", positive_ids, x.shape[0], x.device)
     dtype = compute_dtype(x, t, logit_scale)
     x, t = x.to(dtype), t.to(dtype)
     scale = logit_scale.to(dtype).exp()
     if group is None:
         logits = scale * x @ t.T  # (N, N)
+        if positive_ids is not None:
+            targets = _soft_targets(positive_ids, positive_ids, dtype)
+            return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
         labels = torch.arange(x.shape[0], device=x.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     rank = dist.get_rank(group)
@@ -165,4 +198,14 @@ def infonce_loss(
     labels = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
     logits_x = scale * x @ all_t.T  # (N_l, N)
     logits_t = scale * t @ all_x.T  # (N_l, N)
+    if positive_ids is not None:
+        parts = [torch.empty_like(positive_ids) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, positive_ids.contiguous(), group=group)
+        labels = _soft_targets(positive_ids, torch.cat(parts), dtype)  # (N_l, N), global counts
     return 0.5 * (F.cross_entropy(logits_x, labels) + F.cross_entropy(logits_t, labels))
+
+
+def _soft_targets(row_ids: torch.Tensor, col_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """T_ij = [row_id_i = col_id_j] / #{j : col_id_j = row_id_i}: (len(row_ids), len(col_ids))."""
+    same = (row_ids[:, None] == col_ids[None, :]).to(dtype)
+    return same / same.sum(1, keepdim=True)

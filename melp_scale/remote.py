@@ -85,11 +85,11 @@ def manifest_url(url: str) -> str:
     """``manifest.json`` beside the shard ``url`` names (or inside the base URL ``.../``)."""
     if url.endswith("/"):
         return url + "manifest.json"
-    matches = list(_SHARD_NAME.finditer(url))
-    if not matches:
+    names = _SHARD_NAME.findall(url)
+    if not names:
         raise ValueError(f"StreamConfig.shards: {url!r} names no .tar shard and is no base URL ending in '/'")
-    last = matches[-1]
-    return url[:last.start()] + "manifest.json" + url[last.end():]
+    # every mention of the shard (a pipe: command may name it twice), not other .tar names
+    return _SHARD_NAME.sub(lambda m: "manifest.json" if m[0] == names[-1] else m[0], url)
 
 
 def shard_name(url: str) -> str:
@@ -145,7 +145,7 @@ def read_manifest(spec: str) -> tuple[dict[str, Any], str]:
     url = manifest_url(expand_urls(spec)[0])
     try:
         return json.loads(read_url(url)), url
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # not JSON, or not text
         raise ValueError(f"{url}: not a JSON manifest ({error})") from error
 
 
@@ -273,8 +273,16 @@ class ShardCursor:
 
         self.close()
         self._stream = gopen(to_gopen_url(self.url), "rb")
-        self._samples = _tar_samples(tarfile.open(fileobj=self._stream, mode="r|"))
+        self._samples = _tar_samples(tarfile.open(fileobj=self._stream, mode="r|"), self._finish)
         self.next_index = 0
+
+    def _finish(self) -> None:
+        """At the end of the archive: read the stream out and close it, so a pipe or curl that
+        failed (a connection closed early looks like a short tar) raises here, not later."""
+        stream, self._stream = self._stream, None
+        while stream.read(1 << 16):
+            pass
+        stream.close()  # raises OSError for a nonzero exit status
 
     def read(self, index: int) -> tuple[str, dict[str, bytes]]:
         """The raw members of sample ``index``; reopens (with backoff) after a failed read."""
@@ -308,8 +316,9 @@ class ShardCursor:
         self._stream, self._samples = None, None
 
 
-def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {member: bytes})`` of consecutive members sharing a key, from a streamed tar."""
+def _tar_samples(tar: tarfile.TarFile, on_end: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {member: bytes})`` of consecutive members sharing a key, from a streamed tar;
+    ``on_end()`` runs when the archive ends, before its last sample is handed out."""
     key, members = None, {}
     for info in tar:
         if not info.isfile():
@@ -321,6 +330,7 @@ def _tar_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]
         handle = tar.extractfile(info)
         assert handle is not None
         key, members[member] = name, handle.read()
+    on_end()
     if key is not None:
         yield key, members
 

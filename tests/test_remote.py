@@ -96,6 +96,8 @@ def test_url_forms():
     assert remote.manifest_url("https://h/a/") == "https://h/a/manifest.json"
     assert (remote.manifest_url("pipe:aws s3 cp s3://b/x/train-000000.tar -")
             == "pipe:aws s3 cp s3://b/x/manifest.json -")
+    assert (remote.manifest_url("pipe:cat x/train-000001.tar || cat y/train-000001.tar")
+            == "pipe:cat x/manifest.json || cat y/manifest.json")
     assert remote.to_gopen_url("s3://b/x/train-000000.tar") == "pipe:aws s3 cp s3://b/x/train-000000.tar -"
     with pytest.raises(ValueError, match="names no .tar shard"):
         remote.manifest_url("http://h/a/data")
@@ -186,3 +188,24 @@ def test_tiny_set_with_repeats_shared_by_windows(server, tokenizer):
             expected, got = epoch_batches(local), epoch_batches(streamed)
             assert len(got) == len(expected) == 3
             assert all(same_batch(a, b) for a, b in zip(got, expected))
+
+
+def test_pipe_failing_mid_shard(tmp_path, tokenizer, monkeypatch):
+    """Pipe: commands that die after 3000 bytes on their first run (each shard's and the
+    manifest's) are retried; one that always dies ends in an OSError naming its URL."""
+    make_shards(tmp_path, SIZES)
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+
+    def urls(command: str) -> list[str]:
+        return [f"pipe:{command.format(shard=tmp_path / f'train-{i:06d}.tar')}" for i in range(5)]
+
+    flaky = urls("if [ -e {shard}.failed ]; then cat {shard}; else touch {shard}.failed; "
+                 "head -c 3000 {shard}; exit 1; fi")
+    expected = epoch_batches(stream(tokenizer, 0, 1, shard_dir=str(tmp_path)))
+    got = epoch_batches(stream(tokenizer, 0, 1, shards=flaky))  # one rank reads every shard
+    assert all(same_batch(a, b) for a, b in zip(got, expected)) and len(got) == len(expected)
+    assert sorted(p.name for p in tmp_path.glob("*.failed")) == ["manifest.json.failed"] + [
+        f"train-{i:06d}.tar.failed" for i in range(5)]
+    broken = urls("case {shard} in *.json) cat {shard};; *) head -c 3000 {shard}; exit 1;; esac")
+    with pytest.raises(OSError, match=r"of pipe:case .*train-\d+\.tar.* after 4 attempts: .*exit 1"):
+        epoch_batches(stream(tokenizer, 0, shards=broken))

@@ -27,9 +27,11 @@ run gives the same batches from a bucket as from a folder:
    tokenize work is still split K ways).
 4. Resume: batch k's windows are found from the plan; the cursor opens the shard holding the
    window's first pair and skips to it (re-reading that shard from its start).
-5. Failures: a read that fails (a dropped connection, curl's exit status, a truncated tar) is
-   retried ``retries`` times with exponential backoff, re-opening the URL and skipping to the
-   sample; then ``OSError`` names the URL, the sample and the last error.
+5. Failures: a read that fails (a dropped connection, a command's or curl's nonzero exit
+   status, checked when each archive ends, a truncated tar) is retried ``RETRIES`` times with
+   exponential backoff from ``BACKOFF_S``, re-opening the URL and skipping to the sample; then
+   ``OSError`` names the URL, the sample and the last error. (curl itself also retries
+   timeouts and HTTP 5xx answers, up to 30 times 2 s, before it reports a failure.)
 """
 from __future__ import annotations
 

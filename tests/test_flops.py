@@ -16,9 +16,21 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from melp_scale.model import MELP, MELPConfig
-from melp_scale.model.config import DecoderConfig, ECGEncoderConfig, PoolerConfig, TextEncoderConfig
-from melp_scale.train.flops import (COMPONENTS, StepShape, peak_for_name, step_flops, step_shape,
-                                    text_sizes_of, throughput)
+from melp_scale.model.config import (
+    DecoderConfig,
+    ECGEncoderConfig,
+    PoolerConfig,
+    TextEncoderConfig,
+)
+from melp_scale.train.flops import (
+    COMPONENTS,
+    StepShape,
+    peak_for_name,
+    step_flops,
+    step_shape,
+    text_sizes_of,
+    throughput,
+)
 
 TOLERANCE = 0.01
 REPORTS = ["sinus rhythm. normal ecg.",

@@ -195,6 +195,8 @@ def test_two_ranks_zero2_run_to_completion(uninterrupted):
     for record in losses.values():
         for name in ("loss", "loss_global", "loss_caption", "loss_local", "grad_norm"):
             assert math.isfinite(record[name]), (name, record)
+        # model FLOPs (melp_scale/train/flops.py): achieved TFLOP/s logged, MFU n/a on a CPU
+        assert record["tflops_per_s"] > 0 and record["mfu"] is None, record
     with open(os.path.join(out, "checkpoints", "latest.json")) as handle:
         assert json.load(handle)["step"] == STEPS
     with open(os.path.join(out, "metrics.jsonl")) as handle:
@@ -205,6 +207,7 @@ def test_two_ranks_zero2_run_to_completion(uninterrupted):
     model = MELP.from_pretrained(os.path.join(out, "export"))
     assert 0.0 <= model.logit_scale.item() <= math.log(100)
     assert "global batch 16 = 8 per rank x 1 accumulation step(s) x 2 rank(s)" in output
+    assert "TFLOP/s per rank, MFU n/a (CPU or unlisted GPU)" in output
 
 
 def test_checkpoint_selection_keeps_the_best_scoring_model(shards, uninterrupted, tmp_path):

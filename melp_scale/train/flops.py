@@ -19,8 +19,9 @@ largest sentence count, the ranks InfoNCE gathers over.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from melp_scale.train import checkpoint, selection
 from melp_scale.train.engine import (batch_sizes, build_optimizer, clamp_parameter_,
                                      describe_batch, load_ds_config, warmup_cosine)
+from melp_scale.train.flops import peak_bf16_flops, throughput
 from melp_scale.train.metrics import GpuTelemetry, MetricsLog
 from melp_scale.train.task import Placement, Task, to_device
 
@@ -108,6 +109,9 @@ class Trainer:
         self.stop_requested = False
         self.metrics = MetricsLog(config.run.out, enabled=self.rank == 0)
         self.telemetry = GpuTelemetry(config.run.telemetry and self.rank == 0)
+        # model FLOPs of each trained micro-batch (a task without ``step_flops`` reports none)
+        self.peak_name, self.peak_flops = peak_bf16_flops(self.device)
+        self.window_flops, self.run_flops, self.train_seconds = 0.0, 0.0, 0.0
 
     # ------------------------------------------------------------------ set-up
     def _check_out_folder(self) -> None:
@@ -204,15 +208,21 @@ class Trainer:
         self.state.nonfinite_in_row = 0
         self.engine.backward(output.loss)
         self.engine.step()
+        step_flops = getattr(self.task, "step_flops", None)
+        if step_flops is not None:
+            self.window_flops += step_flops(self.model, batch, self.world_size)
         return {name: float(output.scalars[name]) for name in self.task.scalar_names}
 
     def _log_train(self, sums: dict[str, float], micro_batches: int, wait: float,
                    elapsed: float) -> None:
         names = self.task.scalar_names
-        values = torch.tensor([sums.get(n, 0.0) for n in names]
+        values = torch.tensor([sums.get(n, 0.0) for n in names] + [self.window_flops]
                               + [float(micro_batches)], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         count = max(values[-1].item(), 1.0)
+        flops_per_rank = values[-2].item() / self.world_size
+        self.window_flops, self.run_flops = 0.0, self.run_flops + flops_per_rank
+        self.train_seconds += elapsed
         record = {"kind": "train", "step": self.state.step, "epoch": self.train_loader.epoch,
                   "lr": self.scheduler.get_last_lr()[0],
                   "grad_norm": _float(self.engine.get_global_grad_norm()),
@@ -222,6 +232,8 @@ class Trainer:
                   "skipped_steps": self.state.skipped_steps}
         for index, name in enumerate(names):
             record[name] = values[index].item() / count
+        if flops_per_rank > 0:  # achieved model TFLOP/s per rank and MFU (None on a CPU)
+            record.update(throughput(flops_per_rank, elapsed, self.peak_flops))
         sources = getattr(self.train_loader, "take_source_counts", dict)()  # melp_scale.mixing
         if len(sources) > 1:  # samples per source in this window, all ranks
             counts = torch.tensor(list(sources.values()), dtype=torch.float64, device=self.device)
@@ -317,8 +329,17 @@ class Trainer:
                 "checkpoint": os.path.join(self.checkpoints, latest["tag"]) if latest else None,
                 "export": export, "export_format": self.task.export_format,
                 "validation": self.state.last_val, "validation_before": self.state.first_val,
-                "batch": self.batch, "selection": selection.selection_summary(
+                "batch": self.batch, "throughput": self._throughput(),
+                "selection": selection.selection_summary(
                     self.state, self.config.run.out, self.config.run.select_every)}
+
+    def _throughput(self) -> dict[str, Any] | None:
+        """Model FLOPs per rank over the logged training windows: TFLOP/s and MFU against the
+        device's dense bf16 peak (``melp_scale.train.flops``); None without FLOP counts."""
+        if self.run_flops <= 0:
+            return None
+        return {**throughput(self.run_flops, self.train_seconds, self.peak_flops),
+                "device_peak": self.peak_name, "peak_tflops": (self.peak_flops or 0) / 1e12 or None}
 
     def close(self) -> None:
         self.metrics.close()

@@ -101,6 +101,13 @@ class MELPTask(Task):
         record |= {f"val_{k}": v for k, v in retrieval_recall(all_ecg, all_text).items()}
         return record | {"val_samples": int(all_ecg.shape[0])}
 
+    def step_flops(self, model: nn.Module, batch: dict[str, Any], world_size: int) -> float:
+        """Model FLOPs (forward + backward) of one micro-batch on this rank (``flops.py``)."""
+        from melp_scale.train.flops import step_flops, step_shape, text_sizes_of
+
+        shape = step_shape(batch, world_size)
+        return step_flops(self.melp_config, text_sizes_of(model), shape)["total"]["total"]
+
     def clamped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
         # METHOD.md §3: the log scale stays in [0, ln 100], in the optimiser's master copy too
         return [(model.logit_scale, 0.0, float(self.melp_config.loss.logit_scale_max))]

@@ -35,6 +35,11 @@ def print_summary(summary: dict[str, Any]) -> None:
                      + (f"best {best:.2f} at step {chosen['best_step']} -> {chosen['export_best']}"
                         if best is not None else "no finite score"))
         lines += _selection_details(chosen.get("export_best"))
+    speed = summary.get("throughput")
+    if speed:  # model FLOPs utilisation against the device's dense bf16 peak (flops.py)
+        mfu = (f"MFU {speed['mfu']:.1%} of {speed['device_peak']} ({speed['peak_tflops']:.0f} TFLOP/s "
+               f"bf16 dense)" if speed.get("mfu") is not None else "MFU n/a (CPU or unlisted GPU)")
+        lines.append(f"model throughput: {speed['tflops_per_s']:.3f} TFLOP/s per rank, {mfu}")
     lines.append(f"skipped non-finite steps: {summary['skipped_steps']}, "
                  f"bad samples: {summary['bad_samples']}")
     lines.append(f"checkpoint: {summary['checkpoint']}")

@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from melp_scale.shard.format import MEMBERS, decode_npy, sha256_file
+from melp_scale.report_hash import report_hash
 from melp_scale.text import ReportTokenizer, collate_text
 
 log = logging.getLogger(__name__)
@@ -364,6 +365,7 @@ class ShardStream(IterableDataset):
                 try:
                     ecg = self.transform(ecg, meta["gain"], rng)
                     text = self.tokenizer(report, meta.get("sentences") or [])
+                    text_hash = report_hash(report, meta.get("sentences") or [])
                 except (ValueError, KeyError) as error:
                     raise ValueError(f"shard {name}: sample {key!r}: {error!r}") from error
             except ValueError as error:
@@ -372,7 +374,7 @@ class ShardStream(IterableDataset):
                 bad_keys.append(f"{name}:{index}")
                 samples.append(None)
                 continue
-            samples.append({"key": key, "ecg": ecg, **text})
+            samples.append({"key": key, "ecg": ecg, "report_hash": text_hash, **text})
         return _collate(samples, is_repeat.tolist(), bad_keys)
 
 
@@ -407,6 +409,8 @@ def _collate(samples: list[dict[str, Any] | None], is_repeat: list[bool],
     batch["ecg"] = _stack_for_transfer([s["ecg"] for s in filled])  # (B, 12, T)
     batch["keys"] = [s["key"] for s in filled]
     batch["is_repeat"] = torch.tensor(repeat, dtype=torch.bool)  # (B,)
+    # (B,) int64: equal for identical normalised reports (multi-positive contrastive targets)
+    batch["report_hash"] = torch.tensor([s["report_hash"] for s in filled], dtype=torch.int64)
     batch["bad_keys"] = bad_keys
     return batch
 

@@ -338,3 +338,20 @@ def test_lightning_checkpoint_read_without_unpickling_code(tmp_path, monkeypatch
     torch.save({"state_dict": official, "payload": Evil()}, tmp_path / "evil.ckpt")
     with pytest.raises(ValueError, match="refusing"):
         read_checkpoint(tmp_path / "evil.ckpt")
+
+
+def test_weight_norm_layouts_and_bin_with_module_prefix(tmp_path):
+    official, _ = ecg_only_state(prefix="module.ecg_encoder.")
+    official = {k: v.float() if v.is_floating_point() else v for k, v in official.items()}
+    stem = "module.ecg_encoder.ecg_encoder.conv_pos.pos_conv.0."
+    g = official.pop(stem + "parametrizations.weight.original0")
+    v = official.pop(stem + "parametrizations.weight.original1")
+    effective = v * g / v.norm(dim=(0, 1), keepdim=True)  # w = v * g / ||v|| over dims (0, 1)
+    old_style = {**official, stem + "weight_g": g, stem + "weight_v": v}  # older fairseq names
+    torch.save(old_style, tmp_path / "pytorch_model.bin")
+    model, report = from_official(str(tmp_path / "pytorch_model.bin"), text_model=TEXT)
+    assert report["prefixes"]["backbone"] == "module.ecg_encoder.ecg_encoder."
+    torch.testing.assert_close(model.ecg_encoder.pos_conv.conv.weight, effective)
+    plain = {**official, stem + "weight": effective}  # weight norm removed: factored again
+    model, _ = from_official(plain, text_model=TEXT)
+    torch.testing.assert_close(model.ecg_encoder.pos_conv.conv.weight, effective)

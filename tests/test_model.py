@@ -345,3 +345,24 @@ def test_demo_overfits_eight_pairs(demo_config, tokenizer):
     assert losses[-1] < 0.5 * losses[0], losses
     assert 0.0 <= model.logit_scale.item() <= math.log(100)
     assert not torch.distributed.is_initialized()
+
+
+def test_feature_extractor_gradient_scaled_by_feature_grad_mult():
+    from melp_scale.model.ecg_encoder import ECGEncoder
+
+    small = dict(conv_channels=8, width=32, num_layers=1, num_heads=4, ffn_dim=64, dropout=0.0,
+                 attention_dropout=0.0, pos_conv_kernel=4, pos_conv_groups=4)
+    torch.manual_seed(0)
+    scaled = ECGEncoder(ECGEncoderConfig(feature_grad_mult=0.1, **small))
+    plain = ECGEncoder(ECGEncoderConfig(feature_grad_mult=1.0, **small))
+    plain.load_state_dict(scaled.state_dict())
+    ecg = torch.rand(2, 12, 160)
+    grads = []
+    for model in (scaled, plain):
+        out = model(ecg)
+        out.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(scaled(ecg), plain(ecg))  # identity forward
+    for name in grads[0]:
+        factor = 0.1 if name.startswith("feature_extractor.") else 1.0
+        torch.testing.assert_close(grads[0][name], factor * grads[1][name], rtol=1e-5, atol=1e-7)

@@ -255,6 +255,10 @@ def test_ecg_only_release_with_text_model_and_cli(tmp_path):
     save_file(release, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match="text_model"):
         from_official(str(folder))
+    wide, _ = ecg_only_state()
+    wide["model.attn_pool_caption.query"] = torch.zeros(128, 768)
+    with pytest.raises(ValueError, match="hidden size 384, but the checkpoint's caption pooler"):
+        from_official(wide, text_model=TEXT)
     out = tmp_path / "export"
     assert convert_main(["melp-official", str(folder), "--out", str(out), "--text-model", TEXT]) == 0
     model = MELP.from_pretrained(str(out))

@@ -134,6 +134,10 @@ def from_official(path: str | os.PathLike | dict, text_model: str | None = None)
     if vocab is not None and len(model.tokenizer.tokenizer) != vocab.shape[0]:
         raise ValueError(f"text_model {text_model!r}: its tokenizer has {len(model.tokenizer.tokenizer)} "
                          f"tokens with [BOS]; the checkpoint's vocabulary is {vocab.shape[0]}")
+    caption_width = conversion.state["caption_pooler.pool.queries"].shape[1]
+    if caption_width != model.text.hidden_size:
+        raise ValueError(f"text_model {text_model!r}: hidden size {model.text.hidden_size}, but the "
+                         f"checkpoint's caption pooler (the decoder's memory) is {caption_width} wide")
     fresh = _check_against(model, conversion, ecg_only)
     model.load_state_dict(conversion.state, strict=False)
     report = {"source": source, "prefixes": conversion.prefixes, "ecg_only": ecg_only,

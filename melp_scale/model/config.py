@@ -156,6 +156,9 @@ class LossConfig:
     """Initial log of the InfoNCE scale."""
     logit_scale_max: float = math.log(100.0)
     """Upper clamp of the log scale (lower clamp is 0)."""
+    multi_positive: bool = True
+    """Pairs with identical reports (equal batch ``report_hash``) are each other's positives in the
+    InfoNCE and local losses (soft targets) instead of negatives; False: the paper's loss."""
 
     def __post_init__(self) -> None:
         for name in ("global_weight", "caption_weight", "local_weight"):
@@ -210,13 +213,13 @@ def paper() -> MELPConfig:
         text=TextEncoderConfig(name_or_path="ncbi/MedCPT-Query-Encoder", causal=True,
                                num_frozen_layers=6, max_length=128),
         decoder=DecoderConfig(num_layers=6, num_heads=8, mlp_ratio=4.0),
-        loss=LossConfig(),
+        loss=LossConfig(multi_positive=False),  # the paper's one-positive losses
     )
 
 
 def demo() -> MELPConfig:
     """CPU-sized: 2-layer width-128 ECG encoder, offline MiniLM (embeddings + 3 of 6 layers frozen),
-    1-layer decoder; same losses and weights as the paper."""
+    1-layer decoder; the paper's loss weights, with multi-positive targets (identical reports)."""
     return MELPConfig(
         ecg=ECGEncoderConfig(conv_channels=64, width=128, num_layers=2, num_heads=4, ffn_dim=256),
         pooler=PoolerConfig(embed_dim=256, num_beat_queries=10, beat_heads=8,

@@ -120,8 +120,9 @@ class MELP(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, batch: Mapping[str, torch.Tensor], group=None) -> MELPOutput:
         """The loader's batch (ecg, input_ids, attention_mask, sentence_index,
-        sentence_counts) -> :class:`MELPOutput`. ``group``: process group for the InfoNCE
-        gather (None = this process's batch only)."""
+        sentence_counts; optional report_hash (B,) int64, the multi-positive key) ->
+        :class:`MELPOutput`. ``group``: process group for the InfoNCE gather (None = this
+        process's batch only)."""
         loss_config = self.config.loss
         ecg_tokens = self.ecg_encoder(batch["ecg"])  # (B, N, D_ecg)
         beats = self.beat_pooler(ecg_tokens)  # (B, Q_b, E)
@@ -135,9 +136,13 @@ class MELP(nn.Module):
         sentences, counts = self.text.sentence_embeddings(
             states.hidden, sentence_index, batch["sentence_counts"])  # (B, S, E), (B,)
 
-        loss_global = infonce_loss(ecg_global, text_global, self.logit_scale[0], group=group)
+        # identical reports are each other's positives (LossConfig.multi_positive)
+        positive_ids = batch.get("report_hash") if loss_config.multi_positive else None
+        loss_global = infonce_loss(ecg_global, text_global, self.logit_scale[0], group=group,
+                                   positive_ids=positive_ids)
         loss_local = local_contrastive_loss(beats, sentences, counts, t1=loss_config.t1,
-                                            t2=loss_config.t2, t3=loss_config.t3)
+                                            t2=loss_config.t2, t3=loss_config.t3,
+                                            positive_ids=positive_ids)
         loss_caption = self.caption_loss(self._decoder_input(states), caption_context,
                                          input_ids, attention_mask)
         loss = (loss_config.global_weight * loss_global + loss_config.caption_weight * loss_caption

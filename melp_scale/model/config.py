@@ -48,6 +48,8 @@ class ECGEncoderConfig:
     """Kernel size of the convolutional positional encoding."""
     pos_conv_groups: int = 16
     """Groups of the convolutional positional encoding."""
+    checkpoint_layers: bool = False
+    """Activation checkpointing per Transformer layer: recompute in the backward, keep less."""
 
     def __post_init__(self) -> None:
         _check(self.width % self.num_heads == 0, "ecg.num_heads",
@@ -107,6 +109,8 @@ class TextEncoderConfig:
     """Also freeze the embedding layer (the reference trains it; only sensible with N > 0)."""
     max_length: int = 128
     """Tokens per report, [BOS], [SEP] and [CLS] included; [CLS] gets position id max_length - 1."""
+    checkpoint_layers: bool = False
+    """Activation checkpointing per Transformer layer (the HF model's gradient checkpointing)."""
 
     def __post_init__(self) -> None:
         _check(self.num_frozen_layers >= 0, "text.num_frozen_layers", "must be >= 0")
@@ -130,10 +134,16 @@ class DecoderConfig:
     """MLP hidden size / width."""
     dropout: float = 0.0
     """Dropout on attention outputs and in the MLP."""
+    checkpoint_layers: bool = False
+    """Activation checkpointing per block (self- and cross-attention blocks)."""
+    vocab_chunk: int = 0
+    """Rows per chunk of the vocabulary projection fused with the cross entropy (the (tokens x
+    vocab) logits are never materialised, ``fused_ce.py``); 0 = the plain projection + CE."""
 
     def __post_init__(self) -> None:
         _check(self.num_layers >= 1, "decoder.num_layers", "must be >= 1")
         _check(self.mlp_ratio > 0, "decoder.mlp_ratio", "must be > 0")
+        _check(self.vocab_chunk >= 0, "decoder.vocab_chunk", "must be >= 0 (0 = plain path)")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import DecoderConfig
 
@@ -84,6 +85,7 @@ class CaptionDecoder(nn.Module):
 
     def __init__(self, width: int, vocab_size: int, config: DecoderConfig):
         super().__init__()
+        self.checkpoint_layers = config.checkpoint_layers
         if width % config.num_heads:
             raise ValueError(f"decoder.num_heads: {config.num_heads} does not divide the text "
                              f"hidden size {width} (the decoder width)")
@@ -97,8 +99,13 @@ class CaptionDecoder(nn.Module):
 
     def forward(self, states: torch.Tensor, ecg_tokens: torch.Tensor) -> torch.Tensor:
         x = states
+        checkpointed = self.checkpoint_layers and torch.is_grad_enabled()
         for self_block, cross_block in zip(self.resblocks, self.cross_attn):
-            x = cross_block(self_block(x), ecg_tokens)
+            if checkpointed:  # recompute each block in the backward (RNG state replayed)
+                x = checkpoint(self_block, x, use_reentrant=False)
+                x = checkpoint(cross_block, x, ecg_tokens, use_reentrant=False)
+            else:
+                x = cross_block(self_block(x), ecg_tokens)
         return self.ln_final(x)  # (B, L, W)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.checkpoint import checkpoint
 
 from .config import ECGEncoderConfig
 
@@ -156,6 +157,7 @@ class ECGEncoder(nn.Module):
         x = self.layer_norm(features.transpose(1, 2))  # (B, N, C)
         x = self.input_dropout(self.post_extract_proj(x))  # (B, N, D)
         x = self.input_dropout(self.encoder_norm(self.pos_conv(x)))  # post-LN: norm before layer 0
-        for layer in self.layers:
-            x = layer(x)
+        checkpointed = self.config.checkpoint_layers and torch.is_grad_enabled()
+        for layer in self.layers:  # checkpointing replays dropout with the saved RNG state
+            x = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
         return x  # (B, N, D)

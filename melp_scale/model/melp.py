@@ -29,6 +29,7 @@ from kernels import infonce_loss, local_contrastive_loss
 from .config import MELPConfig
 from .decoder import CaptionDecoder
 from .ecg_encoder import ECGEncoder
+from .fused_ce import chunked_linear_cross_entropy
 from .generation import beam_search
 from .poolers import BeatPooler, CaptionPooler
 from .text_encoder import TextEncoder
@@ -167,6 +168,9 @@ class MELP(nn.Module):
         positions = torch.arange(targets.shape[1], device=targets.device)
         valid = attention_mask[:, 1:].bool() & (positions[None] != cls_target)
         # project only the real positions: the vocabulary projection is the costly part
+        if self.config.decoder.vocab_chunk:  # fused with the CE: no (T, V) logits
+            return chunked_linear_cross_entropy(hidden[valid], self.decoder.text_projection.weight,
+                                                targets[valid], self.config.decoder.vocab_chunk)
         logits = self.decoder.logits(hidden[valid])  # (T, V)
         return F.cross_entropy(logits.float(), targets[valid])
 
@@ -253,6 +257,15 @@ class MELP(nn.Module):
             model.tokenizer_source = tokenizer
         model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=map_location))
         return model.to(map_location)
+
+
+def compile_parts(model: MELP, backend: str = "inductor") -> None:
+    """``run.compile``: the ECG encoder, the text encoder and the decoder through
+    ``torch.compile``, in place (``nn.Module.compile``: parameter names, state dicts and
+    checkpoints stay as they are, so DeepSpeed's ZeRO partitions see the same parameters).
+    The losses and poolers call the kernel ops, left to their own dispatch."""
+    for part in (model.ecg_encoder, model.text, model.decoder):
+        part.compile(backend=backend)
 
 
 def _trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -102,6 +102,11 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text.max_length: {config.max_length} > the text model's "
                              f"{positions} positions ([CLS] sits at position max_length - 1)")
         self._freeze(config.num_frozen_layers)
+        if config.checkpoint_layers:  # per layer, in training mode only (the HF implementation)
+            if hasattr(self.bert, "activation_checkpointing_enable"):  # transformers >= 5.x
+                self.bert.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _freeze(self, num_layers: int) -> None:
         layers = _transformer_layers(self.bert)

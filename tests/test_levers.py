@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from melp_scale.model import MELP, MELPConfig
-from melp_scale.model.config import DecoderConfig, ECGEncoderConfig, PoolerConfig, TextEncoderConfig
+from melp_scale.model.config import (
+    DecoderConfig,
+    ECGEncoderConfig,
+    PoolerConfig,
+    TextEncoderConfig,
+)
 from melp_scale.model.fused_ce import chunked_linear_cross_entropy
 
 REPORTS = ["sinus rhythm. normal ecg.",
@@ -70,7 +75,8 @@ def test_lever_leaves_loss_and_gradients_unchanged(plain, lever):
     torch.testing.assert_close(lever_loss, loss, rtol=1e-5, atol=1e-6)
     assert lever_grads.keys() == grads.keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(lever_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(lever_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("rows,chunk", [(13, 4), (13, 13), (13, 100), (1, 1)])

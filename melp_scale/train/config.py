@@ -70,6 +70,7 @@ class RunConfig:
     telemetry: bool = True  # GPU telemetry through pynvml when GPUs exist
     select_every: int = 0  # steps between checkpoint-selection scores (0: no selection); best -> export-best/
     select_patience: int = 0  # stop after this many scores without improvement (0: never stop early)
+    compile: bool = False  # MELP: torch.compile the ECG encoder, text encoder and decoder (melp.compile_parts)
 
     def __post_init__(self) -> None:
         for name in ("select_every", "select_patience"):

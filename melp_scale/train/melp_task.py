@@ -51,7 +51,12 @@ class MELPTask(Task):
                              f"`python -m melp_scale.shard build ... --out {data.shards}`")
 
     def build_model(self, placement: Placement) -> nn.Module:
-        return MELP(self.melp_config)
+        model = MELP(self.melp_config)
+        if self.config.run.compile:  # in place: parameter names and checkpoints unchanged
+            from melp_scale.model.melp import compile_parts
+
+            compile_parts(model)
+        return model
 
     def build_loaders(self, placement: Placement, micro_batch: int
                       ) -> tuple[StreamLoader, StreamLoader | None]:

@@ -170,3 +170,25 @@ def test_compile_parts_match_eager(plain):
     for name, grad in grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)
     assert compiled.state_dict().keys() == model.state_dict().keys()  # checkpoints unchanged
+
+
+def test_ds_torch_autocast_replaces_bf16_weights_on_gpus_only(tmp_path, monkeypatch):
+    """Precision levers of the ds.json: ``torch_autocast`` (fp32 weights, bf16 autocast) turns
+    DeepSpeed's bf16 weight mode off on a GPU, and is off on the CPU (fp32)."""
+    import json
+
+    from melp_scale.train.engine import load_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": "auto"},
+                                "zero_optimization": {"stage": 2, "overlap_comm": True}}))
+    overrides = {"torch_autocast": {"enabled": True}}
+    config, precision = load_ds_config(str(path), 1, use_cuda=False, overrides=overrides)
+    assert precision == "fp32" and not config["torch_autocast"]["enabled"] and not config["bf16"]["enabled"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    config, precision = load_ds_config(str(path), 1, use_cuda=True, overrides=overrides)
+    assert precision == "bfloat16 autocast, fp32 weights"
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert config["bf16"]["enabled"] is False and config["zero_optimization"]["overlap_comm"] is True
+    _, precision = load_ds_config(str(path), 1, use_cuda=True)
+    assert precision == "bf16"  # without the override: DeepSpeed's bf16 weights, fp32 master

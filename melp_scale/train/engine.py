@@ -31,7 +31,7 @@ PRECISION_KEYS = ("bf16", "fp16")
 # setting the Trainer builds itself, such as the scheduler)
 DS_OVERRIDE_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                     "train_batch_size", "gradient_clipping", "bf16", "fp16", "optimizer",
-                    "zero_optimization")
+                    "zero_optimization", "torch_autocast")
 
 
 def check_ds_overrides(overrides: dict[str, Any], where: str = "deepspeed") -> None:
@@ -82,7 +82,10 @@ def load_ds_config(path: str, world_size: int, use_cuda: bool,
     precision; return (config, precision).
 
     Precision: bf16 on GPUs (unless ds.json disables it), fp32 on the CPU whatever ds.json says
-    (CPU bf16 autocast through DeepSpeed is slow and untested).
+    (CPU bf16 autocast through DeepSpeed is slow and untested). DeepSpeed's ``bf16`` keeps the
+    model's weights in bf16 and an fp32 master copy in the optimiser; ``torch_autocast``
+    (``{"enabled": true, "dtype": "bfloat16"}``, GPUs only) keeps fp32 weights and runs the
+    forward under bf16 autocast instead, and then replaces ``bf16``.
     """
     if not os.path.isfile(path):
         raise ValueError(f"--ds_config {path!r} does not exist")
@@ -111,6 +114,17 @@ def load_ds_config(path: str, world_size: int, use_cuda: bool,
     if stage not in (0, 1, 2):
         raise ValueError(f"{path}: zero_optimization.stage {stage} is not supported (use 0-2)")
     precision = "fp32"
+    autocast = config.get("torch_autocast")
+    if autocast:
+        enabled = autocast.get("enabled", False)
+        enabled = (use_cuda and torch.cuda.is_bf16_supported()) if enabled == "auto" else bool(enabled)
+        autocast["enabled"] = enabled and use_cuda
+        if autocast["enabled"]:
+            autocast.setdefault("dtype", "bfloat16")
+            for key in PRECISION_KEYS:  # fp32 weights: no bf16/fp16 weight mode besides
+                if config.get(key):
+                    config[key]["enabled"] = False
+            return config, f"{autocast['dtype']} autocast, fp32 weights"
     for key in PRECISION_KEYS:
         section = config.get(key)
         if not section:

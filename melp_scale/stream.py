@@ -82,6 +82,7 @@ class StreamConfig:
     verify: bool = False  # sha256 of the split's shards at start (reads every byte once)
     prefetch_factor: int = 2  # batches each worker prepares ahead
     pin_memory: bool = False  # page-lock batches for faster host-to-GPU copies
+    worker_timeout: float = 600.0  # seconds to wait for a worker's batch before raising (0: forever)
 
     def __post_init__(self) -> None:
         checks = {
@@ -92,6 +93,7 @@ class StreamConfig:
             "crop_samples": self.crop_samples is None or self.crop_samples >= 1,
             "max_text_length": self.max_text_length >= 3,
             "on_error": self.on_error in ("raise", "skip"), "prefetch_factor": self.prefetch_factor >= 1,
+            "worker_timeout": self.worker_timeout >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -281,12 +283,17 @@ class ShardReader:
         self.name = name
         self.fd = os.open(path, os.O_RDONLY)
         self.samples: list[tuple[str, dict[str, tuple[int, int]]]] = []  # (key, member -> (offset, size))
-        for member_name, offset, size in _tar_members(self.fd, path):
-            key, _, member = member_name.partition(".")
-            if not self.samples or self.samples[-1][0] != key:
-                self.samples.append((key, {}))
-            self.samples[-1][1][member] = (offset, size)
+        try:
+            for member_name, offset, size in _tar_members(self.fd, path):
+                key, _, member = member_name.partition(".")
+                if not self.samples or self.samples[-1][0] != key:
+                    self.samples.append((key, {}))
+                self.samples[-1][1][member] = (offset, size)
+        except (tarfile.TarError, OSError, ValueError) as error:  # not a tar: a wholly bad shard
+            os.close(self.fd)
+            raise ValueError(f"shard {name}: unreadable as a tar file: {error}") from error
         if len(self.samples) != expected:
+            os.close(self.fd)
             raise ValueError(f"shard {name}: {len(self.samples)} samples, {expected} in the manifest")
 
     def read(self, index: int) -> tuple[str, np.ndarray, dict[str, Any], str]:
@@ -303,10 +310,41 @@ class ShardReader:
         if ecg.dtype != np.int16 or ecg.ndim != 2 or ecg.shape[0] != 12:
             raise ValueError(f"shard {self.name}: sample {key!r} ecg is {ecg.dtype} {ecg.shape}, "
                              "expected int16 (12, T)")
+        check_sample(self.name, key, ecg, meta)
         return key, ecg, meta, report
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def check_sample(shard: str, key: str, ecg: np.ndarray, meta: Any, num_samples: int | None = None) -> None:
+    """ValueError naming the sample unless its json is an object with a positive finite gain,
+    sentences a list of strings, as many leads as the array and (when known) the set's length."""
+    def fail(reason: str) -> None:
+        raise ValueError(f"shard {shard}: sample {key!r}: {reason}")
+
+    if not isinstance(meta, dict):
+        fail(f"json is a {type(meta).__name__}, not an object")
+    gain = meta.get("gain")
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain < float("inf"):
+        fail(f"gain {gain!r} is not a positive finite number")
+    sentences = meta.get("sentences")
+    if sentences is not None and (not isinstance(sentences, list)
+                                  or not all(isinstance(s, str) for s in sentences)):
+        fail(f"sentences {sentences!r:.80} is not a list of strings")
+    leads = meta.get("leads")
+    if leads is not None and (not isinstance(leads, list) or len(leads) != ecg.shape[0]):
+        fail(f"json lists {leads!r:.80} leads for an array of {ecg.shape[0]}")
+    if num_samples is not None and ecg.shape[1] != num_samples:
+        fail(f"ecg has {ecg.shape[1]} time steps, the shard set's are {num_samples}")
+
+
+def expected_length(settings: dict[str, Any]) -> int | None:
+    """Time steps of every sample of a set, from its manifest settings (None when unknown)."""
+    if isinstance(settings.get("num_samples"), int):
+        return settings["num_samples"]
+    fs, seconds = settings.get("fs"), settings.get("seconds")
+    return int(round(fs * seconds)) if isinstance(fs, (int, float)) and isinstance(seconds, (int, float)) else None
 
 
 class ShardStream(IterableDataset):
@@ -323,6 +361,8 @@ class ShardStream(IterableDataset):
         self.transform = EcgTransform(config.normalize, config.lead_mask_p, config.crop_samples,
                                       config.random_crop)
         self.max_open = max_open
+        self.num_samples = expected_length(getattr(shards, "settings", None) or {})
+        self.plan: tuple[np.ndarray, np.ndarray] | None = None  # (shard, index): replacements
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -333,6 +373,7 @@ class ShardStream(IterableDataset):
             world_size=self.world_size, batch_size=c.batch_size, drop_last=c.drop_last,
             shuffle=c.shuffle, shuffle_window=c.shuffle_window)
         num_batches = len(shard) // c.batch_size
+        self.plan = (shard, index)
         readers: OrderedDict[int, ShardReader] = OrderedDict()
         try:
             for b in range(self.start_batch + worker, num_batches, num_workers):
@@ -361,21 +402,44 @@ class ShardStream(IterableDataset):
         for shard, index in zip(shards.tolist(), indices.tolist()):
             name = self.shards.names[shard]
             try:
-                key, ecg, meta, report = self._reader(shard, readers).read(index)
-                try:
-                    ecg = self.transform(ecg, meta["gain"], rng)
-                    text = self.tokenizer(report, meta.get("sentences") or [])
-                    text_hash = report_hash(report, meta.get("sentences") or [])
-                except (ValueError, KeyError) as error:
-                    raise ValueError(f"shard {name}: sample {key!r}: {error!r}") from error
-            except ValueError as error:
+                samples.append(self._sample(shard, index, readers, rng))
+            except ValueError:
                 if self.config.on_error == "raise":
                     raise
                 bad_keys.append(f"{name}:{index}")
                 samples.append(None)
-                continue
-            samples.append({"key": key, "ecg": ecg, "report_hash": text_hash, **text})
+        if bad_keys and not any(samples):
+            samples[0] = self._replacement(b, readers, rng)
+            is_repeat = np.ones_like(is_repeat)
         return _collate(samples, is_repeat.tolist(), bad_keys)
+
+    def _sample(self, shard: int, index: int, readers: Any, rng: np.random.Generator) -> dict[str, Any]:
+        """One sample, read, checked, transformed and tokenized; ValueError naming it when bad."""
+        name = self.shards.names[shard]
+        key, ecg, meta, report = self._reader(shard, readers).read(index)
+        check_sample(name, key, ecg, meta, self.num_samples)
+        try:
+            ecg = self.transform(ecg, meta["gain"], rng)
+            text = self.tokenizer(report, meta.get("sentences") or [])
+            text_hash = report_hash(report, meta.get("sentences") or [])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"shard {name}: sample {key!r}: {error!r}") from error
+        return {"key": key, "ecg": ecg, "report_hash": text_hash, **text}
+
+    def _replacement(self, b: int, readers: Any, rng: np.random.Generator) -> dict[str, Any] | None:
+        """With ``on_error="skip"``, a stand-in for a batch whose samples are all bad (a wholly
+        bad shard): the first good sample of the rank's plan after the batch, so the batch (all
+        flagged repeats) is the same whatever the number of workers. None when there is none."""
+        if self.plan is None:  # a subclass that reads only its own batches' samples
+            return None
+        shard, index = self.plan
+        start = (b + 1) * self.config.batch_size
+        for row in np.roll(np.arange(len(shard)), -start).tolist():
+            try:
+                return self._sample(int(shard[row]), int(index[row]), readers, rng)
+            except ValueError:
+                continue
+        return None
 
 
 def _stack_for_transfer(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -436,6 +500,20 @@ def _ignore_stop_signals(worker_id: int) -> None:
     then shuts them down (SLURM signals every process of a job, workers included)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _shutdown(batches: Iterator[dict[str, Any]]) -> None:
+    """Stop a DataLoader iterator's workers now. DataLoader's own shutdown ends a worker that
+    does not stop with SIGTERM, which ours ignore (``_ignore_stop_signals``): a worker stuck in a
+    read would then outlive its rank and keep the process from exiting, so it is killed."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:  # no workers (num_workers 0)
+        return
+    shutdown()
+    for worker in getattr(batches, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
 
 
 class StreamLoader:
@@ -500,18 +578,35 @@ class StreamLoader:
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=c.pin_memory,
                             prefetch_factor=c.prefetch_factor if workers > 0 else None,
                             persistent_workers=False, generator=generator,
-                            worker_init_fn=_ignore_stop_signals if workers > 0 else None)
-        for batch in loader:
-            bad_keys = batch.pop("bad_keys")
-            sources = batch.pop("source_index", None)  # melp_scale.mixing: samples per source
-            if sources is not None:
-                self.source_counts += np.bincount(sources.numpy(), minlength=len(self.source_counts))
-            if bad_keys:
-                self.num_bad_samples += len(bad_keys)
-                log.warning("rank %d: skipped %d bad sample(s) (%s); %d so far", self.rank,
-                            len(bad_keys), ", ".join(bad_keys), self.num_bad_samples)
-            self.batches_consumed += 1
-            yield batch
+                            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+                            timeout=c.worker_timeout if workers > 0 else 0)
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                bad_keys = batch.pop("bad_keys")
+                sources = batch.pop("source_index", None)  # melp_scale.mixing: samples per source
+                if sources is not None:
+                    self.source_counts += np.bincount(sources.numpy(), minlength=len(self.source_counts))
+                if bad_keys:
+                    self.num_bad_samples += len(bad_keys)
+                    log.warning("rank %d: skipped %d bad sample(s) (%s); %d so far", self.rank,
+                                len(bad_keys), ", ".join(bad_keys[:8]) + (" ..." if len(bad_keys) > 8 else ""),
+                                self.num_bad_samples)
+                self.batches_consumed += 1
+                yield batch
+        except (ConnectionError, EOFError) as error:  # how a killed worker can also surface
+            raise RuntimeError(f"rank {self.rank}: a DataLoader worker ended unexpectedly "
+                               f"(killed, or out of memory?): {error!r}") from error
+        except RuntimeError as error:
+            if not str(error).startswith("DataLoader timed out"):
+                raise
+            for worker in getattr(batches, "_workers", []):  # stuck: waiting on it is pointless
+                worker.kill()
+            raise RuntimeError(f"rank {self.rank}: no batch from the loader's workers in "
+                               f"{c.worker_timeout:g} s (StreamConfig.worker_timeout): a worker is "
+                               "stuck (hung storage?)") from error
+        finally:  # every way out (end, exception, a dead worker, the consumer leaving): no orphans
+            _shutdown(batches)
         self.epoch, self.batches_consumed = self.epoch + 1, 0
 
     def take_source_counts(self) -> dict[str, int]:

@@ -212,3 +212,25 @@ def test_multi_positive_compiles_fullgraph(impl: str) -> None:
     expected = _explicit_infonce(x, t, logit_scale, ids, grad_out)
     for name, o, e in zip(("loss", "dx", "dt", "dlogit_scale"), out, expected):
         assert_rel_close(name, o.double(), e, FP32_TOL, f"seed={seed} impl={impl} compiled")
+
+
+def test_identical_text_embeddings_make_the_targets_equivalent() -> None:
+    """When copies of a report have identical text embeddings (a deterministic text tower), the
+    one-positive loss already equals the multi-positive one, and so do the gradients of x and of
+    the shared text embedding (summed over copies): the targets only matter once the copies'
+    embeddings differ, e.g. under the text model's dropout (benchmarks/multi_positive.py)."""
+    seed = fresh_seed()
+    ids = _repeated_ids(23, 5)
+    table = {int(i): row for i, row in zip(ids.unique(), _unit_rows(len(ids.unique()), 12).double())}
+    t = torch.stack([table[int(i)] for i in ids])
+    x = _unit_rows(23, 12).double()
+    logit_scale = torch.tensor(math.log(30.0), dtype=torch.float64)
+    grad_out = torch.tensor(1.0)
+    plain = _grads(reference.infonce_loss, (x, t, logit_scale), grad_out)
+    multi = _grads(reference.infonce_loss, (x, t, logit_scale), grad_out, positive_ids=ids)
+    context = f"seed={seed}"
+    assert_rel_close("loss", multi[0], plain[0], 1e-12, context)
+    assert_rel_close("dx", multi[1], plain[1], 1e-12, context)
+    groups = (ids[:, None] == ids.unique()[None, :]).double()  # (N, groups): per-copy -> shared gradient
+    assert_rel_close("d shared t", groups.T @ multi[2], groups.T @ plain[2], 1e-12, context)
+    assert not torch.allclose(multi[2], plain[2])  # per copy they differ

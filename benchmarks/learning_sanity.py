@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from melp_scale.evaluate.metrics import evaluate_auc, roc_auc  # noqa: E402
-from melp_scale.evaluate.tasks import tasks_for_source  # noqa: E402
-from melp_scale.shard.sources import synthetic  # noqa: E402
-from melp_scale.stream import EcgTransform  # noqa: E402
-from melp_scale.train.melp_task import MELPTask  # noqa: E402
+from melp_scale.evaluate.metrics import evaluate_auc, roc_auc
+from melp_scale.evaluate.tasks import tasks_for_source
+from melp_scale.shard.sources import synthetic
+from melp_scale.stream import EcgTransform
+from melp_scale.train.melp_task import MELPTask
 
 
 @dataclasses.dataclass
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from harness import environment
+
     from melp_scale.train.config import load_train_config, read_deepspeed_overrides
     from melp_scale.train.loop import Trainer
 

@@ -6,11 +6,12 @@ as shipped) on a small synthetic set built from the demo set's settings, micro b
 steps, warm-up 5, fixed seeds, one thread (``OMP_NUM_THREADS=1``), no validation.
 
 Tolerance: each step's total and per-loss values must match the stored ones within
-``RTOL`` = 2 % relative + ``ATOL`` = 0.02. Run to run on one machine the curve is identical; across
-thread counts and CPUs fp32 reductions reorder and the 30 AdamW steps amplify the difference
-to ~1e-4 relative (measured: 1 vs 2 threads), so 2 % is far above that noise and far below
-what a real change does (a changed loss weight, masking rate, learning rate or a broken
-gradient moves the curve by 5-50 % within a few steps).
+``RTOL`` = 2 % relative + ``ATOL`` = 0.02. Run to run on one machine and thread count the
+curve repeats (checked when the curve was stored); other CPUs and BLAS builds reorder fp32
+reductions, which 30 AdamW steps amplify, hence a tolerance rather than equality. 2 % stays
+well below what a real change does: the stored curve falls from 24.3 to 1.7 in 30 steps
+(the caption loss from 11.2 to 0.16), so a changed loss weight, learning rate, masking rate
+or a broken gradient moves several steps by far more than 2 %.
 
 An intended change of the demo model or recipe changes the curve: regenerate it with
 ``MELP_WRITE_GOLDEN=1 python -m pytest tests/test_golden_loss.py`` and say so in the commit.
@@ -48,7 +49,7 @@ def _run_demo(tmp_path) -> list[dict]:
     command = [sys.executable, "launch/pretrain.py", "--ds_config", str(ds_json), "--config",
                "demo", "--shards", shards, "--out", out, *OVERRIDES]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     with open(os.path.join(out, "metrics.jsonl")) as handle:
         records = [r for r in map(json.loads, handle) if r.get("kind") == "train"]

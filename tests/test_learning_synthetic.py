@@ -144,7 +144,7 @@ def test_every_seed_0_to_20_builds_within_a_time_limit(tmp_path):
             kept[seed] = manifest["counts"]["kept_records"]
         print(json.dumps(kept))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     kept = json.loads(done.stdout.strip().splitlines()[-1])

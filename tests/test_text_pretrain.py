@@ -234,8 +234,18 @@ def ds_json(tmp_path_factory):
     return str(path)
 
 
+def _free_port() -> int:
+    """A port no one holds now (the launcher's default 29500 may be taken by another run)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_stage1(ds_json: str, shards: str, out: str, ranks: int, *extra: str) -> str:
-    launcher = [DEEPSPEED, "--num_gpus", "2"] if ranks == 2 else [sys.executable]
+    launcher = ([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port())] if ranks == 2
+                else [sys.executable])
     command = [*launcher, "launch/pretrain_text.py", "--ds_config", ds_json, "--out", out,
                "--max-steps", str(STEPS), "model.max_length=32", "model.num_domain_tokens=4",
                f"corpus.shards=[{shards}]", "optim.warmup_steps=1", "run.log_every=1", *extra]

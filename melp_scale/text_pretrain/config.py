@@ -101,4 +101,4 @@ def load_text_pretrain_config(config: str = "text_demo",
     """Read a preset name (``launch/configs/NAME.yaml``) or a YAML path, then ``key=value``
     overrides (``model.max_length=64``, ``corpus.texts=[a.txt,b.jsonl]``)."""
     tree, path = read_config_tree(config, overrides)
-    return TextPretrainConfig(**build_sections(tree, _SECTIONS, path))
+    return TextPretrainConfig(**build_sections(tree, _SECTIONS, path, overrides=overrides))

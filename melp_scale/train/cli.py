@@ -33,7 +33,7 @@ def common_parser(description: str, default_config: str, presets: str) -> argpar
 def common_overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     overrides += [f"run.out={args.out}"] if args.out else []
-    overrides += [f"optim.max_steps={args.max_steps}"] if args.max_steps else []
+    overrides += [f"optim.max_steps={args.max_steps}"] if args.max_steps is not None else []
     return overrides
 
 
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace, load_config: Callable[[str, list[str]], Any],
     try:
         config = load_config(args.config, overrides)
         ds_overrides = read_deepspeed_overrides(args.config, overrides)
+        check_writable(config.run.out)
         from melp_scale.train.loop import Trainer
 
         resume = "latest" if args.resume else "auto" if args.auto_resume else None
@@ -62,6 +63,31 @@ def run(args: argparse.Namespace, load_config: Callable[[str, list[str]], Any],
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a read-only or full --out, a path through a file, ...
+        print(f"error: cannot write {error.filename or 'the run folder'}: "
+              f"{error.strerror or error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # torch's DistNetworkError when the rendezvous port is taken
+        if "EADDRINUSE" not in str(error):
+            raise
+        print(f"error: {port_in_use()}", file=sys.stderr)
+        return 2
     finally:
         if trainer is not None:
             trainer.close()
+
+
+def check_writable(out: str) -> None:
+    """OSError (naming the path) now, before any work, when the run folder cannot be written."""
+    os.makedirs(out, exist_ok=True)
+    probe = os.path.join(out, f".write-check-{os.getpid()}")
+    with open(probe, "w") as handle:
+        handle.write("ok")
+    os.remove(probe)
+
+
+def port_in_use() -> str:
+    port, host = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "?")
+    return (f"the rendezvous port {port} on {host} is already in use (another run?): pass a free "
+            f"one with --master_port, e.g. `deepspeed --master_port 29611 launch/pretrain.py ...` "
+            f"(torchrun takes --master_port too; SLURM: export MASTER_PORT)")

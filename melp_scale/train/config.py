@@ -11,9 +11,12 @@ sets that score checkpoints every ``run.select_every`` steps (``melp_scale.train
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
-from typing import Any
+import types
+import typing
+from typing import Any, Callable
 
 import yaml
 
@@ -22,11 +25,59 @@ from melp_scale.model import MELPConfig
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "configs")
 
 
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (int, float, bool, str, list, dict,
+    Literal, optional of those; anything else is not checked here)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # a finite number (YAML writes 1 for 1.0)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint in (str, list, dict) or origin in (list, dict):
+        return isinstance(value, origin or hint)
+    return True
+
+
+def at_least(low: float, note: str = "") -> tuple[Callable[[Any], bool], str]:
+    """A ``check_section`` range: None (where the type allows it) or a number >= ``low``."""
+    return (lambda value: value is None or value >= low), f">= {low}{note}"
+
+
+def one_of(*choices: Any) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value in choices), "one of " + ", ".join(map(str, choices))
+
+
+def check_section(instance: Any, section: str,
+                  ranges: dict[str, tuple[Callable[[Any], bool], str]] | None = None) -> None:
+    """ValueError naming ``section.field`` for a value of the wrong type (from the dataclass's
+    annotations), then for a value outside its ``ranges`` entry ``name: (predicate, what it
+    must be)``."""
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if not _type_ok(value, hints[field.name]):
+            hint = hints[field.name]
+            name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ValueError(f"{section}.{field.name} must be of type {name} (finite where a "
+                             f"number), got {value!r}")
+    for name, (ok, must) in (ranges or {}).items():
+        if not ok(getattr(instance, name)):
+            raise ValueError(f"{section}.{name} must be {must}, got {getattr(instance, name)!r}")
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Where the shards are and how the loader reads them (see ``melp_scale.stream``)."""
 
-    shards: str = "shards/demo"  # shard folder (manifest.json + tars), or URL(s) (melp_scale.remote)
+    shards: str | list[str] = "shards/demo"  # shard folder (manifest.json + tars), or URL(s) (melp_scale.remote)
     sources: list[dict] | None = None  # instead of shards: [{shards: ..., weight: 0.7}, ...] (melp_scale.mixing)
     exclude: str | None = None  # exclusion list of `python -m melp_scale.shard dedupe`
     build_demo_if_missing: bool = True  # build the synthetic demo shards when ``shards`` is absent
@@ -36,6 +87,12 @@ class DataConfig:
     shuffle_window: int = 1024  # samples permuted together on a rank
     on_error: str = "raise"  # bad sample: "raise" or "skip" (counted and logged)
     verify: bool = False  # check the shards' sha256 at start
+
+    def __post_init__(self) -> None:
+        check_section(self, "data", {
+            "num_workers": at_least(0), "lead_mask_p": ((lambda p: 0.0 <= p <= 1.0), "in [0, 1]"),
+            "normalize": one_of("minmax", "zscore", "none"), "shuffle_window": at_least(1),
+            "on_error": one_of("raise", "skip")})
 
 
 @dataclasses.dataclass
@@ -54,6 +111,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.decay not in ("cosine", "linear"):
             raise ValueError(f"optim.decay {self.decay!r}: choose 'cosine' or 'linear'")
+        check_section(self, "optim", {
+            "lr": ((lambda lr: lr is None or lr > 0), "> 0, or null for ds.json's lr"),
+            "warmup_steps": at_least(0), "min_lr_ratio": ((lambda r: 0.0 <= r <= 1.0), "in [0, 1]"),
+            "epochs": at_least(1), "max_steps": at_least(1, " (--max-steps), or null"),
+            "seed": at_least(0)})
 
 
 @dataclasses.dataclass
@@ -73,6 +135,8 @@ class RunConfig:
     compile: bool = False  # MELP: torch.compile the ECG encoder, text encoder and decoder (melp.compile_parts)
 
     def __post_init__(self) -> None:
+        check_section(self, "run", {name: at_least(1) for name in (
+            "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite")})
         for name in ("select_every", "select_patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -191,21 +255,34 @@ def read_config_tree(config: str, overrides: list[str] | tuple[str, ...] = (),
     return tree, path
 
 
+def _origin(keys: list[str], where: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """Where unknown ``keys`` (dotted) came from: the command line's overrides, or the file."""
+    given = [item for item in overrides
+             if any(item.partition("=")[0] == k or item.partition("=")[0].startswith(k + ".")
+                    for k in keys)]
+    return f"command-line override(s) {given}" if given else where
+
+
 def build_sections(tree: dict[str, Any], sections: dict[str, type], where: str,
-                   extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+                   extra_keys: tuple[str, ...] = (),
+                   overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Each of ``sections`` (name -> dataclass) built from ``tree[name]``; unknown keys, at the
-    top (other than ``extra_keys``) or inside a section, are ``ValueError``s naming them."""
+    top (other than ``extra_keys``) or inside a section, are ``ValueError``s naming them and
+    where they came from (``overrides`` on the command line, else the file ``where``)."""
     known = {*extra_keys, *sections, DEEPSPEED_KEY}
-    unknown = set(tree) - known
+    unknown = sorted(set(tree) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ValueError(f"{_origin(unknown, where, overrides)}: unknown config key(s) {unknown}; "
+                         f"known: {sorted(known)}")
     built = {}
     for name, cls in sections.items():
         values = tree.get(name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: config section {name!r} must be a mapping, got {values!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
-        bad = set(values) - fields
+        bad = [f"{name}.{b}" for b in sorted(set(values) - fields)]
         if bad:
-            raise ValueError(f"{where}: unknown config key(s) {[f'{name}.{b}' for b in sorted(bad)]}; "
+            raise ValueError(f"{_origin(bad, where, overrides)}: unknown config key(s) {bad}; "
                              f"known in {name}: {sorted(fields)}")
         built[name] = cls(**values)
     return built
@@ -231,11 +308,13 @@ def load_train_config(config: str = "demo", overrides: list[str] | tuple[str, ..
     ``model.X.Y=v`` overrides a model field; ``model=paper`` picks another model preset.
     """
     tree, path = read_config_tree(config, overrides, rename={"model.": "model_overrides."})
-    return build_train_config(tree, path)
+    return build_train_config(tree, path, overrides)
 
 
-def build_train_config(tree: dict[str, Any], where: str = "config") -> TrainConfig:
-    sections = build_sections(tree, _SECTIONS, where, extra_keys=("model", "model_overrides"))
+def build_train_config(tree: dict[str, Any], where: str = "config",
+                       overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    sections = build_sections(tree, _SECTIONS, where, extra_keys=("model", "model_overrides"),
+                              overrides=overrides)
     train = TrainConfig(model=tree.get("model", "demo"),
                         model_overrides=tree.get("model_overrides") or {}, **sections)
     train.model_config()  # validates the preset name and the overrides now

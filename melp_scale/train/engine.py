@@ -62,6 +62,44 @@ def apply_ds_overrides(config: dict[str, Any], overrides: dict[str, Any] | None)
     return merged
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_ds_values(config: dict[str, Any], path: str) -> None:
+    """ValueError naming the ds.json key whose value has the wrong type or range (the values
+    the Trainer reads: clipping, batch sizes, the AdamW parameters, precision switches)."""
+    def fail(key: str, must: str, value: Any) -> None:
+        raise ValueError(f"{path}: {key} must be {must}, got {value!r}")
+
+    clipping = config.get("gradient_clipping", 0.0)
+    if not _number(clipping) or clipping < 0:
+        fail("gradient_clipping", "a number >= 0 (0: no clipping)", clipping)
+    total = config.get("train_batch_size")
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 1):
+        fail("train_batch_size", "a positive integer", total)
+    for key in ("optimizer", "zero_optimization", *PRECISION_KEYS, "torch_autocast"):
+        if key in config and not isinstance(config[key], dict):
+            fail(key, "a mapping", config[key])
+    for key in (*PRECISION_KEYS, "torch_autocast"):
+        enabled = (config.get(key) or {}).get("enabled", False)
+        if enabled not in (True, False, "auto"):
+            fail(f"{key}.enabled", 'true, false or "auto"', enabled)
+    params = (config.get("optimizer") or {}).get("params", {})
+    if not isinstance(params, dict):
+        fail("optimizer.params", "a mapping", params)
+    for key, low in (("lr", 0.0), ("eps", 0.0)):
+        if key in params and (not _number(params[key]) or params[key] <= low):
+            fail(f"optimizer.params.{key}", "a number > 0", params[key])
+    decay = params.get("weight_decay", 0.0)
+    if not _number(decay) or decay < 0:
+        fail("optimizer.params.weight_decay", "a number >= 0", decay)
+    betas = params.get("betas", (0.9, 0.95))
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(_number(b) and 0 <= b < 1 for b in betas)):
+        fail("optimizer.params.betas", "two numbers in [0, 1)", betas)
+
+
 def batch_sizes(config: dict[str, Any], world_size: int) -> dict[str, int]:
     """micro (per rank), accumulation, world size and the global batch they make."""
     micro = config["train_micro_batch_size_per_gpu"]
@@ -104,6 +142,7 @@ def load_ds_config(path: str, world_size: int, use_cuda: bool,
     if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation < 1:
         raise ValueError(f"{path}: gradient_accumulation_steps must be a positive integer, "
                          f"got {accumulation!r}")
+    check_ds_values(config, path)
     total = config.get("train_batch_size")
     if total is not None and total != micro * accumulation * world_size:
         raise ValueError(

@@ -198,7 +198,7 @@ def extract_features(model, refs: list[SampleRef], config: DataConfig,
         key = _cache_key(checkpoint, config)
         path = os.path.join(cache_dir, f"features-{key}.npz")
         if os.path.isfile(path):
-            with np.load(path) as cached:
+            with np.load(path, allow_pickle=False) as cached:  # a cache is data, never code
                 if cached["global"].shape[0] == len(refs):
                     return {"global": cached["global"], "features": cached["features"]}
     model.eval()

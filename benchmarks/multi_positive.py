@@ -48,7 +48,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels import infonce_loss  # noqa: E402
+from kernels import infonce_loss
 
 LOG_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature, the demo's logit_scale_init
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
 _SPACES = re.compile(r"\s+")
 _TERMINATORS = (".", "!", "?")  # as melp_scale.text joins sentences

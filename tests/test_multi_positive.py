@@ -26,7 +26,13 @@ import torch.multiprocessing as mp
 import kernels.infonce
 import kernels.local_contrastive
 from kernels import reference
-from tests.kernel_utils import INTERPRETER_HINT, assert_rel_close, free_port, fresh_seed, use_triton_interpreter
+from tests.kernel_utils import (
+    INTERPRETER_HINT,
+    assert_rel_close,
+    free_port,
+    fresh_seed,
+    use_triton_interpreter,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 infonce = kernels.infonce if DEVICE == "cuda" else use_triton_interpreter(kernels.infonce)

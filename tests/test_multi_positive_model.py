@@ -6,12 +6,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import melp_scale.model.melp as melp_module  # noqa: E402
-from kernels import infonce_loss  # noqa: E402
-from melp_scale.model import MELP, MELPConfig  # noqa: E402
-from melp_scale.report_hash import report_hash  # noqa: E402
-from melp_scale.text import ReportTokenizer  # noqa: E402
-from tests.test_model import NUM_SAMPLES, REPORTS  # noqa: E402
+import melp_scale.model.melp as melp_module
+from kernels import infonce_loss
+from melp_scale.model import MELP, MELPConfig
+from melp_scale.report_hash import report_hash
+from melp_scale.text import ReportTokenizer
+from tests.test_model import NUM_SAMPLES, REPORTS
 
 DUPLICATED = REPORTS + ["Sinus rhythm.  Normal ECG.", "sinus bradycardia."]  # two repeats of earlier reports
 

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from melp_scale.shard.format import MEMBERS, decode_npy, sha256_file
+from melp_scale.shard.format import (MEMBERS, check_sample, decode_npy, expected_length,
+                                     sha256_file)
 from melp_scale.report_hash import report_hash
 from melp_scale.text import ReportTokenizer, collate_text
 
@@ -317,36 +318,6 @@ class ShardReader:
         os.close(self.fd)
 
 
-def check_sample(shard: str, key: str, ecg: np.ndarray, meta: Any, num_samples: int | None = None) -> None:
-    """ValueError naming the sample unless its json is an object with a positive finite gain,
-    sentences a list of strings, as many leads as the array and (when known) the set's length."""
-    def fail(reason: str) -> None:
-        raise ValueError(f"shard {shard}: sample {key!r}: {reason}")
-
-    if not isinstance(meta, dict):
-        fail(f"json is a {type(meta).__name__}, not an object")
-    gain = meta.get("gain")
-    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain < float("inf"):
-        fail(f"gain {gain!r} is not a positive finite number")
-    sentences = meta.get("sentences")
-    if sentences is not None and (not isinstance(sentences, list)
-                                  or not all(isinstance(s, str) for s in sentences)):
-        fail(f"sentences {sentences!r:.80} is not a list of strings")
-    leads = meta.get("leads")
-    if leads is not None and (not isinstance(leads, list) or len(leads) != ecg.shape[0]):
-        fail(f"json lists {leads!r:.80} leads for an array of {ecg.shape[0]}")
-    if num_samples is not None and ecg.shape[1] != num_samples:
-        fail(f"ecg has {ecg.shape[1]} time steps, the shard set's are {num_samples}")
-
-
-def expected_length(settings: dict[str, Any]) -> int | None:
-    """Time steps of every sample of a set, from its manifest settings (None when unknown)."""
-    if isinstance(settings.get("num_samples"), int):
-        return settings["num_samples"]
-    fs, seconds = settings.get("fs"), settings.get("seconds")
-    return int(round(fs * seconds)) if isinstance(fs, (int, float)) and isinstance(seconds, (int, float)) else None
-
-
 class ShardStream(IterableDataset):
     """One rank's batches of one epoch from ``start_batch`` on, split over DataLoader workers.
 
@@ -589,9 +560,9 @@ class StreamLoader:
                     self.source_counts += np.bincount(sources.numpy(), minlength=len(self.source_counts))
                 if bad_keys:
                     self.num_bad_samples += len(bad_keys)
+                    shown = ", ".join(bad_keys[:8]) + (" ..." if len(bad_keys) > 8 else "")
                     log.warning("rank %d: skipped %d bad sample(s) (%s); %d so far", self.rank,
-                                len(bad_keys), ", ".join(bad_keys[:8]) + (" ..." if len(bad_keys) > 8 else ""),
-                                self.num_bad_samples)
+                                len(bad_keys), shown, self.num_bad_samples)
                 self.batches_consumed += 1
                 yield batch
         except (ConnectionError, EOFError) as error:  # how a killed worker can also surface

@@ -129,3 +129,36 @@ def decode_sample(members: dict[str, bytes]) -> tuple[np.ndarray, dict[str, Any]
     """Decode one sample's members to ``(ecg int16 (12, T), meta, report)``."""
     return (decode_npy(members["ecg.npy"]), json.loads(members["json"]),
             members["txt"].decode("utf-8"))
+
+
+def check_sample(shard: str, key: str, ecg: np.ndarray, meta: Any,
+                 num_samples: int | None = None) -> None:
+    """ValueError naming the sample unless its json is an object with a positive finite gain,
+    sentences a list of strings, as many leads as the array and (when known) the set's length."""
+    def fail(reason: str) -> None:
+        raise ValueError(f"shard {shard}: sample {key!r}: {reason}")
+
+    if not isinstance(meta, dict):
+        fail(f"json is a {type(meta).__name__}, not an object")
+    gain = meta.get("gain")
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 < gain < float("inf"):
+        fail(f"gain {gain!r} is not a positive finite number")
+    sentences = meta.get("sentences")
+    if sentences is not None and (not isinstance(sentences, list)
+                                  or not all(isinstance(s, str) for s in sentences)):
+        fail(f"sentences {sentences!r:.80} is not a list of strings")
+    leads = meta.get("leads")
+    if leads is not None and (not isinstance(leads, list) or len(leads) != ecg.shape[0]):
+        fail(f"json lists {leads!r:.80} leads for an array of {ecg.shape[0]}")
+    if num_samples is not None and ecg.shape[1] != num_samples:
+        fail(f"ecg has {ecg.shape[1]} time steps, the shard set's are {num_samples}")
+
+
+def expected_length(settings: dict[str, Any]) -> int | None:
+    """Time steps of every sample of a set, from its manifest settings (None when unknown)."""
+    if isinstance(settings.get("num_samples"), int):
+        return settings["num_samples"]
+    fs, seconds = settings.get("fs"), settings.get("seconds")
+    if isinstance(fs, (int, float)) and isinstance(seconds, (int, float)):
+        return int(round(fs * seconds))
+    return None

@@ -121,18 +121,18 @@ def train_step(model: MELP, batch: dict, optimizer: torch.optim.Optimizer, devic
     model.clamp_logit_scale_()
 
 
-def time_steps(model: MELP, batch: dict, steps: int, device: torch.device) -> dict:
-    """Wall and process CPU seconds per step after two warm-up steps, load averages, peak memory."""
+def time_steps(model: MELP, batch: dict, steps: int, device: torch.device, warmup: int = 2) -> dict:
+    """Wall and process CPU seconds per step after ``warmup`` steps, load averages, peak memory."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wall, cpu, load_before = [], [], os.getloadavg()[0]
-    for step in range(steps + 2):  # warm-up: allocator, compilation, first-touch of weights
+    for step in range(steps + warmup):  # warm-up: allocator, compilation, first-touch of weights
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         train_step(model, batch, optimizer, device)
         _sync(device)
-        if step >= 2:
+        if step >= warmup:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
     if device.type == "cuda":
@@ -235,23 +235,37 @@ def worker(args: argparse.Namespace) -> None:
         record["component_s"] = profile_components(model, batch, device)
         shape = step_shape({k: v.cpu() for k, v in batch.items()})
         record["flops"] = step_flops(model.config, text_sizes_of(model), shape)
+    elif args.fit:  # one step: does this batch fit?
+        record |= time_steps(model, batch, 1, device, warmup=0)
     else:
         record |= time_steps(model, batch, args.steps, device)
     print("RESULT " + json.dumps(record), flush=True)
 
 
 # ------------------------------------------------------------------------ the orchestrator
-def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool) -> dict:
+def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool = False,
+               fit: bool = False) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset,
                "--lever", lever, "--batch", str(batch), "--steps", str(steps)]
-    if profile:
-        command.append("--profile")
+    command += ["--profile"] * profile + ["--fit"] * fit
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         return {"preset": preset, "lever": lever, "batch": batch,
                 "error": (done.stderr or done.stdout)[-1500:]}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def largest_batch(preset: str, lever: str, budget_gb: float, limit: int = 1024) -> dict:
+    """The largest power-of-two micro-batch whose one-step peak memory stays within
+    ``budget_gb`` (CPU: the process high-water mark; GPU: allocated memory, an OOM = no fit)."""
+    batch, fits = 1, None
+    while batch <= limit:
+        run = run_worker(preset, lever, batch, 1, fit=True)
+        if "error" in run or run["peak_memory_gb"] > budget_gb:
+            break
+        fits, batch = {"batch": batch, "peak_memory_gb": run["peak_memory_gb"]}, batch * 2
+    return {"preset": preset, "lever": lever, "budget_gb": budget_gb, "largest": fits}
 
 
 def busy(run: dict) -> bool:
@@ -343,6 +357,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the levers")
     parser.add_argument("--record", action="store_true", help="write into benchmarks/results/ (tracked)")
     parser.add_argument("--out", default=None, help="results folder (default: a temporary one)")
+    parser.add_argument("--fit-gb", type=float, default=None,
+                        help="also find each lever's largest micro-batch within this memory budget "
+                             "(GPU: 80 is an 80 GB card; CPU: a RAM budget)")
+    parser.add_argument("--fit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--lever", help=argparse.SUPPRESS)
@@ -354,14 +372,18 @@ def main() -> None:
     batch = args.batch or (64 if device.type == "cuda" else 8)
     peak_name, peak = peak_bf16_flops(device)
     out = RESULTS if args.record else (args.out or tempfile.mkdtemp(prefix="train_step-"))
-    runs, profiles = [], {}
+    runs, profiles, fits = [], {}, []
     for preset in args.presets:
         print(f"== {preset}: profiling one step (eager)", flush=True)
         profiles[preset] = run_worker(preset, "eager", batch, args.steps, profile=True)
         for round_index in range(args.rounds):
             for lever in args.levers:  # interleaved: every lever once per round
                 print(f"   round {round_index + 1}/{args.rounds}: {lever}", flush=True)
-                runs.append(run_worker(preset, lever, batch, args.steps, profile=False))
+                runs.append(run_worker(preset, lever, batch, args.steps))
+        if args.fit_gb:
+            for lever in args.levers:
+                print(f"   largest micro-batch within {args.fit_gb} GB: {lever}", flush=True)
+                fits.append(largest_batch(preset, lever, args.fit_gb))
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\ndevice {device} ({name}), batch {batch}, {args.steps} steps x {args.rounds} rounds, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; peak: "
@@ -375,6 +397,10 @@ def main() -> None:
             print_profile(profiles[preset], device, peak)
         preset_rows = summarise(runs, preset, args.levers)
         print_levers(preset_rows)
+        for fit in (f for f in fits if f["preset"] == preset):
+            largest = fit["largest"]
+            print(f"largest micro-batch within {fit['budget_gb']} GB, {fit['lever']}: "
+                  + (f"{largest['batch']} ({largest['peak_memory_gb']:.2f} GB)" if largest else "none"))
         rows += preset_rows
     if any(r.get("busy_runs") for r in rows):
         print("\nWARNING: the machine was busy during some runs (load above the cores or CPU time "
@@ -385,7 +411,8 @@ def main() -> None:
     with open(path, "w") as handle:
         json.dump({"benchmark": "train_step", "environment": environment(device), "batch": batch,
                    "cores": os.cpu_count(), "peak": {"device": peak_name, "bf16_flops": peak},
-                   "profiles": profiles, "rows": rows, "runs": runs}, handle, indent=1)
+                   "profiles": profiles, "rows": rows, "runs": runs,
+                   "largest_batch": fits}, handle, indent=1)
     good = {p: v for p, v in profiles.items() if "error" not in v}
     if good:
         plot(good, path.replace(".json", ".png"))

@@ -110,31 +110,53 @@ def local_similarity(
     return torch.logsumexp(t2 * cosine, dim=-1)
 
 
+def _cross_entropy_terms(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Per row j: log Σ_{i ∈ candidates_j} exp(L_ji) − L_jj = log1p(Σ_{i≠j} exp(L_ji − L_jj)).
+
+    Formed from the differences L_ji − L_jj and log1p, never as lse − diagonal: near zero the
+    term keeps its relative accuracy (lse − diagonal cancels to 0 in fp32 at a margin of ~17).
+    ``candidates`` (bool, the shape of ``logits``) excludes entries; a row without candidates
+    other than its diagonal gives 0 (gradient 0, no NaN).
+    """
+    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    gaps = torch.where(candidates & ~eye, logits - logits.diagonal()[:, None], float("-inf"))
+    top = gaps.amax(dim=1, keepdim=True).detach()  # any shift is exact; detached: no inf − inf in autograd
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    total = torch.exp(gaps - top).sum(dim=1)  # Σ exp(gap − top), 0 for a row without candidates
+    top = top.squeeze(1)
+    high, low = top.clamp_min(0.0), top.clamp_max(0.0)  # each branch stays finite (and so its gradient)
+    return torch.where(top > 0, high + torch.log(torch.exp(-high) + total), torch.log1p(total * torch.exp(low)))
+
+
+def _positive_gaps(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Per row j: L_jj − mean_{i ∈ positives_j} L_ji, exactly 0 when row j's only positive is j
+    (the soft-target cross entropy is the one-positive term plus this gap)."""
+    mean = torch.where(positives, logits, 0.0).sum(dim=1) / positives.sum(dim=1).clamp_min(1)
+    return logits.diagonal() - mean
+
+
 def local_loss_from_similarity(
     similarity: torch.Tensor, keep: torch.Tensor, t3: float, positive_ids: torch.Tensor | None = None
 ) -> torch.Tensor:
     """½[CE(M, I) + CE(Mᵀ, I)] over the kept pairs, M[j, i] = t3·R(i, j), without host syncs.
 
     Rows and columns of dropped pairs are masked out (their entries get exactly zero gradient);
-    each cross entropy is summed as per-row differences lse_j − M_jj (no Σlse − Σdiag
-    cancellation) and divided by B' = keep.sum(); B' = 0 gives 0, B' = 1 gives 0.
+    each cross entropy is a sum of per-row terms log1p(Σ_{i≠j} exp(M_ji − M_jj)) (no
+    Σlse − Σdiag cancellation) divided by B' = keep.sum(); B' = 0 gives 0, B' = 1 gives 0.
     With ``positive_ids`` (B,) the target of row j is uniform over the kept i with
-    id_i = id_j (columns alike): lse_j − mean of those M_ji; distinct ids give I exactly.
+    id_i = id_j (columns alike): each term gains M_jj − mean of those M_ji, exactly 0 for
+    distinct ids (the one-positive loss bit for bit).
     """
     logits = t3 * similarity.transpose(0, 1)  # M[j, i]
     pair = keep[:, None] & keep[None, :]
-    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
-    # a dropped row/column keeps only its diagonal, at 0: its lse − diagonal is 0, finite
-    masked = torch.where(pair, logits, torch.where(eye, 0.0, float("-inf")))
-    if positive_ids is None:
-        row_target = col_target = masked.diagonal()
-    else:  # mean of the positives' logits (the kept pairs with the same id; M_jj always among them)
-        same = pair & (positive_ids[:, None] == positive_ids[None, :])
-        positives = torch.where(same, masked, 0.0)  # never −inf·0
-        row_target = positives.sum(1) / same.sum(1).clamp_min(1)
-        col_target = positives.sum(0) / same.sum(0).clamp_min(1)
-    rows = torch.where(keep, torch.logsumexp(masked, dim=1) - row_target, 0.0)
-    cols = torch.where(keep, torch.logsumexp(masked, dim=0) - col_target, 0.0)
+    rows = _cross_entropy_terms(logits, pair)
+    cols = _cross_entropy_terms(logits.transpose(0, 1), pair)
+    if positive_ids is not None:
+        positives = pair & (positive_ids[:, None] == positive_ids[None, :])  # symmetric
+        rows = rows + _positive_gaps(logits, positives)
+        cols = cols + _positive_gaps(logits.transpose(0, 1), positives)
+    rows = torch.where(keep, rows, 0.0)
+    cols = torch.where(keep, cols, 0.0)
     return 0.5 * (rows.sum() + cols.sum()) / keep.sum().clamp_min(1)
 
 

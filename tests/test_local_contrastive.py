@@ -291,3 +291,16 @@ def test_local_loss_backward_in_text_chunks(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(local, "FACTOR_BYTES", 2 * per_text)
     assert local._text_chunk(batch, beats_per_ecg, max_sentences) == 2
     _check(batch, beats_per_ecg, max_sentences, 16, torch.float32, scale=0.5)
+
+
+def test_local_loss_near_zero_keeps_relative_accuracy() -> None:
+    """A confident batch (each text's own ECG scores far above the rest): the loss, ~1e-9, is formed
+    from differences M_ji − M_jj and log1p, so fp32 keeps its relative accuracy (lse − diagonal
+    would cancel to 0 in fp32). Checked on the shared loss head against float64."""
+    seed = fresh_seed()
+    similarity = 6.0 + torch.rand(6, 6, dtype=torch.float64) + torch.eye(6, dtype=torch.float64) * 2.5
+    keep = torch.tensor([True, True, False, True, True, True])
+    expected = reference.local_loss_from_similarity(similarity, keep, T3)
+    loss = reference.local_loss_from_similarity(similarity.float(), keep, T3)
+    assert 0 < expected < 1e-6, f"seed={seed}: the case should be confident, loss {expected:.3g}"
+    assert_rel_close("loss", loss, expected, 1e-4, f"seed={seed}")

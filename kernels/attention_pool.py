@@ -150,7 +150,7 @@ def _attention_pool_bwd_kernel(
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_start = group * BATCH_PER_PROGRAM
     num_samples = tl.minimum(b_start + BATCH_PER_PROGRAM, batch) - b_start  # the last group may be short
-    for i in range(0, num_samples):
+    for i in range(num_samples):
         b = b_start.to(tl.int64) + i
         q = tl.load(q_ptr + b * stride_qb + offs_m[:, None] * stride_qm + cols[None, :], mask=qd_mask, other=0.0)
         o = tl.load(out_ptr + b * stride_ob + offs_m[:, None] * stride_om + cols[None, :], mask=qd_mask, other=0.0)

@@ -81,7 +81,7 @@ def test_reports_state_what_the_signal_shows():
         labels, sentences = ref.labels, ref.sentences
         assert sentences[0] == synthetic.RATE_CLASSES[labels["rate"]][1]
         assert (sentences[1] == "regular rhythm") == labels["regular"]
-        assert (sentences[2] == "wide qrs complexes") == labels["wide_qrs"]
+        assert (sentences[2] == "wide qrs, bundle branch block") == labels["wide_qrs"]
         assert (sentences[3] == "low qrs voltages in the limb leads") == labels["low_voltage"]
         assert (sentences[4] == "noisy recording") == labels["noisy"]
         seen.add(labels["rate"])

@@ -27,9 +27,10 @@ limb-lead voltage class, the noise class, a global gain and baseline wander. The
 exactly the simulated classes, one sentence per factor:
 
 - rate: "sinus bradycardia" (42-55 bpm), "sinus rhythm" (65-92), "sinus tachycardia" (110-145);
-- regularity: "regular rhythm" (RR s.d. 1.5 %) or "irregular rhythm" (RR s.d. 12-20 %, beat to beat);
-- QRS: "narrow qrs complexes" or "wide qrs complexes" (QRS waves 1.8x wider plus a terminal
-  R' wave pointing anteriorly and to the right, a right-bundle-branch-like pattern);
+- regularity: "regular rhythm" (RR s.d. 1.5 %) or "sinus arrhythmia" (RR s.d. 12-20 %, beat to
+  beat, P waves kept);
+- QRS: "normal qrs duration" or "wide qrs, bundle branch block" (QRS waves 1.8x wider plus a
+  terminal R' wave pointing anteriorly and to the right, a right-bundle-branch-like pattern);
 - voltage: "normal voltage" or "low qrs voltages in the limb leads" (limb leads x 0.3-0.45);
 - noise: "good signal quality" (0.005 mV) or "noisy recording" (0.06-0.12 mV Gaussian).
 
@@ -58,8 +59,11 @@ RECORD_SECONDS = 10
 RR_MIN_S, RR_MAX_S = 0.3, 2.0  # every RR interval is clipped into this range
 RATE_CLASSES = {"brady": ((42, 55), "sinus bradycardia"), "normal": ((65, 92), "sinus rhythm"),
                 "tachy": ((110, 145), "sinus tachycardia")}
-SENTENCES = {"regular": ("irregular rhythm", "regular rhythm"),
-             "wide_qrs": ("narrow qrs complexes", "wide qrs complexes"),
+# Statements of one factor differ in more than one word: "irregular rhythm" / "regular rhythm"
+# and "wide" / "narrow qrs complexes" embed almost identically in the text tower, which then
+# gives the InfoNCE no signal for them (docs/learning_sanity.md).
+SENTENCES = {"regular": ("sinus arrhythmia", "regular rhythm"),
+             "wide_qrs": ("normal qrs duration", "wide qrs, bundle branch block"),
              "low_voltage": ("normal voltage", "low qrs voltages in the limb leads"),
              "noisy": ("good signal quality", "noisy recording")}
 

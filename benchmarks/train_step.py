@@ -297,6 +297,7 @@ def summarise(runs: list[dict], preset: str, levers: list[str]) -> list[dict]:
         if base is not None and "error" not in row:
             row["time_vs_eager"] = row["median_s"] / base["median_s"]
             row["memory_vs_eager"] = row["peak_memory_gb"] / base["peak_memory_gb"]
+            row["cpu_vs_eager"] = row["cpu_s"] / base["cpu_s"]  # steadier than wall on a busy machine
     return rows
 
 
@@ -316,13 +317,15 @@ def print_profile(profile: dict, device: torch.device, peak: float | None) -> No
 
 
 def print_levers(rows: list[dict]) -> None:
-    print(f"{'lever':<16}{'s/step':>9}{'cpu s':>9}{'peak GB':>9}{'time x':>8}{'mem x':>8}  busy runs")
+    print(f"{'lever':<20}{'s/step':>9}{'cpu s':>9}{'peak GB':>9}{'time x':>8}{'cpu x':>8}{'mem x':>8}"
+          "  busy runs")
     for row in rows:
         if "error" in row:
-            print(f"{row['lever']:<16} failed: {row['error'].strip().splitlines()[-1][:90]}")
+            print(f"{row['lever']:<20} failed: {row['error'].strip().splitlines()[-1][:90]}")
             continue
-        print(f"{row['lever']:<16}{row['median_s']:>9.3f}{row['cpu_s']:>9.3f}{row['peak_memory_gb']:>9.2f}"
-              f"{row.get('time_vs_eager', float('nan')):>8.2f}{row.get('memory_vs_eager', float('nan')):>8.2f}"
+        print(f"{row['lever']:<20}{row['median_s']:>9.3f}{row['cpu_s']:>9.3f}{row['peak_memory_gb']:>9.2f}"
+              f"{row.get('time_vs_eager', float('nan')):>8.2f}{row.get('cpu_vs_eager', float('nan')):>8.2f}"
+              f"{row.get('memory_vs_eager', float('nan')):>8.2f}"
               f"  {row['busy_runs']}/{row['runs']}")
 
 

@@ -487,6 +487,14 @@ def _shutdown(batches: Iterator[dict[str, Any]]) -> None:
             worker.join(timeout=5)
 
 
+def _forget_worker_pids(batches: Iterator[dict[str, Any]]) -> None:
+    """Unregister a DataLoader iterator's workers from its SIGCHLD watch, so that killing them
+    on purpose does not raise "worker is killed by signal" in place of our own error."""
+    if getattr(batches, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False
+
+
 class StreamLoader:
     """Iterates one rank's batches epoch after epoch, with a resumable position.
 
@@ -571,6 +579,7 @@ class StreamLoader:
         except RuntimeError as error:
             if not str(error).startswith("DataLoader timed out"):
                 raise
+            _forget_worker_pids(batches)  # else DataLoader's SIGCHLD handler reports the kill
             for worker in getattr(batches, "_workers", []):  # stuck: waiting on it is pointless
                 worker.kill()
             raise RuntimeError(f"rank {self.rank}: no batch from the loader's workers in "

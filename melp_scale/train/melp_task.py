@@ -40,15 +40,16 @@ class MELPTask(Task):
         data = self.config.data
         if placement.rank != 0 or data.sources or is_url(data.shards):
             return
-        if data.build_demo_if_missing:
-            # the synthetic demo set at data.shards and, for selection sets of synthetic tasks,
-            # separately simulated held-out sets (melp_scale/shard/sources/synthetic.py)
-            from melp_scale.shard.sources.synthetic import build_demo_sets
-
-            build_demo_sets(data.shards, self.config.select.sets, workers=os.cpu_count() or 1)
-        elif not os.path.isfile(os.path.join(data.shards, "manifest.json")):
+        if not data.build_demo_if_missing and not os.path.isfile(os.path.join(data.shards, "manifest.json")):
             raise ValueError(f"--shards {data.shards!r} has no manifest.json; build it with "
                              f"`python -m melp_scale.shard build ... --out {data.shards}`")
+        # the synthetic demo set at data.shards (when asked to) and, for selection sets of
+        # synthetic tasks, separately simulated held-out sets (even with --shards given: they are
+        # simulated, never a user's data; melp_scale/shard/sources/synthetic.py)
+        from melp_scale.shard.sources.synthetic import build_demo_sets
+
+        build_demo_sets(data.shards if data.build_demo_if_missing else None,
+                        self.config.select.sets, workers=os.cpu_count() or 1)
 
     def build_model(self, placement: Placement) -> nn.Module:
         model = MELP(self.melp_config)

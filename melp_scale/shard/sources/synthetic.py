@@ -209,17 +209,17 @@ def demo_build_config(out: str, workers: int = 1, seed: int = 0, count: int | No
                               records_per_subject=DEMO_SET["records_per_subject"], seed=seed))
 
 
-def build_demo_sets(train: str, select_sets: list[dict], workers: int = 1) -> None:
-    """What the demo run builds when missing: the demo set at ``train`` and, for each selection
-    set whose tasks are all synthetic, a separately simulated held-out set (other subjects:
-    seed ``HELDOUT_SEED``; every sample is scored) at its folder."""
+def build_demo_sets(train: str | None, select_sets: list[dict], workers: int = 1) -> None:
+    """What the demo run builds when missing: the demo set at ``train`` (unless None) and, for
+    each selection set whose tasks are all synthetic, a separately simulated held-out set (other
+    subjects: seed ``HELDOUT_SEED``; every sample is scored) at its folder."""
     import logging
     import os
 
     from melp_scale.shard.build import run_build
 
     log = logging.getLogger("melp_scale.train")
-    wanted = [(train, {})]
+    wanted = [(train, {})] if train is not None else []
     held_out = {s["shards"] for s in select_sets}
     held_out -= {s["shards"] for s in select_sets if not str(s["task"]).startswith("synthetic-")}
     wanted += [(path, {"seed": HELDOUT_SEED, "count": HELDOUT_COUNT, "val_fraction": 0.0})

@@ -50,8 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from melp_scale.shard.format import MEMBERS
-from melp_scale.stream import (MANIFEST_FORMAT, ShardReader, ShardSet, ShardStream, _decode_npy,
+from melp_scale.stream import (MANIFEST_FORMAT, ShardReader, ShardSet, ShardStream, decode_members,
                                epoch_order, load_shard_set, rank_plan)
 
 log = logging.getLogger(__name__)
@@ -335,22 +334,6 @@ def _tar_samples(tar: tarfile.TarFile, on_end: Any) -> Iterator[tuple[str, dict[
     on_end()
     if key is not None:
         yield key, members
-
-
-def decode_members(name: str, key: str, members: dict[str, bytes]) -> tuple[str, np.ndarray, dict, str]:
-    """Raw members -> ``(key, ecg int16 (12, T), meta, report)``, with ``ShardReader.read``'s checks."""
-    missing = [m for m in MEMBERS if m not in members]
-    if missing:
-        raise ValueError(f"shard {name}: sample {key!r} lacks member(s) {', '.join(missing)}")
-    try:
-        ecg = _decode_npy(members["ecg.npy"])
-        meta, report = json.loads(members["json"]), members["txt"].decode("utf-8")
-    except Exception as error:
-        raise ValueError(f"shard {name}: sample {key!r} cannot be decoded: {error}") from error
-    if ecg.dtype != np.int16 or ecg.ndim != 2 or ecg.shape[0] != 12:
-        raise ValueError(f"shard {name}: sample {key!r} ecg is {ecg.dtype} {ecg.shape}, "
-                         "expected int16 (12, T)")
-    return key, ecg, meta, report
 
 
 class _Buffered:

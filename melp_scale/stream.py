@@ -277,6 +277,25 @@ def _decode_npy(data: bytes) -> np.ndarray:
     return decode_npy(data)
 
 
+def decode_members(name: str, key: str, members: dict[str, bytes]) -> tuple[str, np.ndarray, dict, str]:
+    """A sample's raw tar members -> ``(key, ecg int16 (12, T), meta, report)``, checked (members
+    present, decodable, shapes and metadata: ``check_sample``); ValueError naming shard and key.
+    Local (``ShardReader``) and streamed (``melp_scale.remote``) reading share it."""
+    missing = [m for m in MEMBERS if m not in members]
+    if missing:
+        raise ValueError(f"shard {name}: sample {key!r} lacks member(s) {', '.join(missing)}")
+    try:
+        ecg = _decode_npy(members["ecg.npy"])
+        meta, report = json.loads(members["json"]), members["txt"].decode("utf-8")
+    except Exception as error:
+        raise ValueError(f"shard {name}: sample {key!r} cannot be decoded: {error}") from error
+    if ecg.dtype != np.int16 or ecg.ndim != 2 or ecg.shape[0] != 12:
+        raise ValueError(f"shard {name}: sample {key!r} ecg is {ecg.dtype} {ecg.shape}, "
+                         "expected int16 (12, T)")
+    check_sample(name, key, ecg, meta)
+    return key, ecg, meta, report
+
+
 class ShardReader:
     """Random access to one shard's samples through an index of its tar headers."""
 
@@ -299,20 +318,11 @@ class ShardReader:
 
     def read(self, index: int) -> tuple[str, np.ndarray, dict[str, Any], str]:
         key, members = self.samples[index]
-        missing = [m for m in MEMBERS if m not in members]
-        if missing:
-            raise ValueError(f"shard {self.name}: sample {key!r} lacks member(s) {', '.join(missing)}")
         try:
             data = {m: os.pread(self.fd, size, offset) for m, (offset, size) in members.items()}
-            ecg = _decode_npy(data["ecg.npy"])
-            meta, report = json.loads(data["json"]), data["txt"].decode("utf-8")
-        except Exception as error:
-            raise ValueError(f"shard {self.name}: sample {key!r} cannot be decoded: {error}") from error
-        if ecg.dtype != np.int16 or ecg.ndim != 2 or ecg.shape[0] != 12:
-            raise ValueError(f"shard {self.name}: sample {key!r} ecg is {ecg.dtype} {ecg.shape}, "
-                             "expected int16 (12, T)")
-        check_sample(self.name, key, ecg, meta)
-        return key, ecg, meta, report
+        except OSError as error:
+            raise ValueError(f"shard {self.name}: sample {key!r} cannot be read: {error}") from error
+        return decode_members(self.name, key, data)
 
     def close(self) -> None:
         os.close(self.fd)

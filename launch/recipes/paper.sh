@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MELP's two stages as one recipe (METHOD.md §2, §4): stage 1 trains the text encoder with
+# MELP's two stages as one recipe: stage 1 trains the text encoder with
 # masked-language modelling (launch/pretrain_text.py), stage 2 pretrains MELP with the stage-1
 # export as its text encoder (launch/pretrain.py ... model.text.name_or_path=OUT/stage1/export).
 #

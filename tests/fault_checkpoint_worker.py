@@ -74,7 +74,7 @@ def _plant_payload(folder: str, latest: dict, marker: str) -> None:
     state = torch.load(target, weights_only=True)
     state["evil"] = _Payload(marker)
     torch.save(state, target)
-    latest["files"]["mp_rank_00_model_states.pt"] = checkpoint._sha256(target)
+    latest["files"]["mp_rank_00_model_states.pt"] = checkpoint.sha256_file(target)
     with open(os.path.join(folder, checkpoint.LATEST), "w") as handle:
         json.dump(latest, handle)
 

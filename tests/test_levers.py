@@ -3,11 +3,16 @@
 Each lever is a config switch; a small model with the lever on, holding the same weights and
 seeded the same (dropout on: training mode), must give the loss and the gradients of the
 plain model to fp32 tolerance. The fused vocabulary cross entropy is also checked against the
-plain projection + ``F.cross_entropy`` in float64, gradients included.
+plain projection + ``F.cross_entropy`` in float64, gradients included. The fused AdamW
+(``optim.fused``) must step the parameters as the per-parameter loop does, also under ZeRO-2.
 """
 from __future__ import annotations
 
 import copy
+import json
+import multiprocessing
+import os
+import socket
 
 import pytest
 import torch
@@ -192,3 +197,104 @@ def test_ds_torch_autocast_replaces_bf16_weights_on_gpus_only(tmp_path, monkeypa
     assert config["bf16"]["enabled"] is False and config["zero_optimization"]["overlap_comm"] is True
     _, precision = load_ds_config(str(path), 1, use_cuda=True)
     assert precision == "bf16"  # without the override: DeepSpeed's bf16 weights, fp32 master
+
+
+# ------------------------------------------------------------------------ fused AdamW
+def test_fused_adamw_steps_like_the_loop():
+    """optim.fused: fed the same MELP gradients for a few steps, the fused kernel ends at the
+    parameters of torch's default per-parameter AdamW (fp32 tolerance), and the steps did move
+    them. (The gradients come from the loop's model: recomputing them on each model's own,
+    rounding-different weights lets Adam's g / sqrt(v) amplify ulps on near-zero gradients.)"""
+    from melp_scale.train.engine import build_optimizer
+
+    torch.manual_seed(0)
+    loop_model = MELP(small_config())
+    fused_model = copy.deepcopy(loop_model)
+    start = [p.detach().clone() for p in loop_model.parameters()]
+    ds = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.2}}}
+    loop = build_optimizer(loop_model, copy.deepcopy(ds), fused=False)
+    fused = build_optimizer(fused_model, copy.deepcopy(ds))  # "auto": on for CPU tensors
+    assert (loop.defaults["fused"], fused.defaults["fused"]) == (False, True)
+    batch = loop_model.tokenizer.batch(REPORTS)
+    batch["ecg"] = torch.rand(len(REPORTS), 12, 400)
+    for step in range(4):
+        torch.manual_seed(step)
+        loop_model(batch).loss.backward()
+        for a, b in zip(loop_model.parameters(), fused_model.parameters()):
+            b.grad = None if a.grad is None else a.grad.clone()
+        loop.step()
+        fused.step()
+        loop.zero_grad(set_to_none=True)
+        fused.zero_grad(set_to_none=True)
+    moved = [not torch.equal(a, b) for a, b in zip(start, loop_model.parameters())]
+    assert sum(moved) > 0.5 * len(moved)
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_adamw_setting():
+    from melp_scale.train.config import OptimConfig
+    from melp_scale.train.engine import resolve_fused
+
+    cpu = [torch.zeros(2)]
+    assert resolve_fused("auto", cpu) is True and resolve_fused(False, cpu) is False
+    assert resolve_fused("auto", [torch.zeros(2, dtype=torch.int64)]) is False
+    with pytest.raises(ValueError, match="optim.fused=true"):
+        resolve_fused(True, [torch.zeros(2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="optim.fused"):
+        OptimConfig(fused="yes")
+    assert OptimConfig().fused == "auto"
+
+
+def _zero2_worker(rank: int, port: int, folder: str) -> None:
+    """Two ZeRO-2 engines in turn (loop, then fused AdamW) on the same model, data and seed."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import deepspeed
+
+    from melp_scale.train.engine import build_optimizer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    result = {}
+    for fused in (False, True):
+        torch.manual_seed(0)  # 7 x 5 + 7 + 7 + 7 + 3 x 7 + 3 = 80 values: partitions split tensors
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+        ds = {"optimizer": {"type": "AdamW", "params": {"lr": 0.05, "weight_decay": 0.2}}}
+        optimizer = build_optimizer(model, ds, fused=fused)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+            "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": 2}})
+        assert engine.optimizer.optimizer.defaults["fused"] is fused
+        assert engine.zero_optimization_stage() == 2
+        generator = torch.Generator().manual_seed(100 + rank)
+        for _ in range(3):
+            loss = engine(torch.randn(4, 5, generator=generator)).pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+        result[str(fused)] = [p.detach().flatten().tolist() for p in model.parameters()]
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+def test_fused_adamw_under_zero2_matches_the_loop(tmp_path):
+    """DeepSpeed ZeRO-2 (2 gloo ranks) steps its flat fp32 partitions with the fused kernel to
+    the parameters the per-parameter AdamW reaches."""
+    pytest.importorskip("deepspeed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_zero2_worker, args=(rank, port, str(tmp_path)))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=240)
+        if worker.is_alive():
+            worker.kill()
+    assert [w.exitcode for w in workers] == [0, 0]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in ranks:
+        for loop, fused in zip(result["False"], result["True"]):
+            torch.testing.assert_close(torch.tensor(fused), torch.tensor(loop), rtol=1e-5, atol=1e-6)
+    assert ranks[0] == ranks[1]  # both ranks hold the same, all-gathered parameters

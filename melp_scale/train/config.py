@@ -107,11 +107,13 @@ class OptimConfig:
     epochs: int = 100  # epochs (the run stops at whichever of epochs / max_steps comes first)
     max_steps: int | None = None  # optimiser steps in all; None: epochs * steps per epoch
     seed: int = 0  # model initialisation, dropout and data order
+    fused: bool | str = "auto"  # AdamW's fused kernel (one op per step, same update to fp32 rounding): "auto" where the device has it
 
     def __post_init__(self) -> None:
         if self.decay not in ("cosine", "linear"):
             raise ValueError(f"optim.decay {self.decay!r}: choose 'cosine' or 'linear'")
         check_section(self, "optim", {
+            "fused": one_of("auto", True, False),
             "lr": ((lambda lr: lr is None or lr > 0), "> 0, or null for ds.json's lr"),
             "warmup_steps": at_least(0), "min_lr_ratio": ((lambda r: 0.0 <= r <= 1.0), "in [0, 1]"),
             "epochs": at_least(1), "max_steps": at_least(1, " (--max-steps), or null"),

@@ -190,10 +190,38 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_adamw_supported(parameters: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: floating point, all on one
+    device type that has the kernel (CPU and CUDA in torch >= 2.4)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = {p.device.type for p in parameters}
+    return (len(devices) == 1 and devices <= set(_get_fused_kernels_supported_devices())
+            and all(torch.is_floating_point(p) for p in parameters))
+
+
+def resolve_fused(fused: bool | str, parameters: list[torch.Tensor]) -> bool:
+    """``optim.fused``: "auto" -> on where supported; True where unsupported is a ValueError."""
+    if fused not in ("auto", True, False):
+        raise ValueError(f"optim.fused must be true, false or \"auto\", got {fused!r}")
+    supported = fused_adamw_supported(parameters)
+    if fused is True and not supported:
+        devices = sorted({p.device.type for p in parameters})
+        raise ValueError(f"optim.fused=true: torch {torch.__version__} has no fused AdamW for "
+                         f"parameters on {devices}; use optim.fused=auto or false")
+    return supported if fused == "auto" else bool(fused)
+
+
 def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any],
-                    lr: float | None = None) -> torch.optim.Optimizer:
+                    lr: float | None = None, fused: bool | str = "auto") -> torch.optim.Optimizer:
     """AdamW from ds.json's optimizer section (which is removed from ``ds_config``); ``lr``,
-    when given, replaces the section's learning rate."""
+    when given, replaces the section's learning rate.
+
+    ``fused`` (``optim.fused``): torch's fused AdamW kernel, one op over all tensors instead of
+    the default per-parameter loop. It computes the same update (equal to fp32 rounding:
+    tests/test_levers.py, also under ZeRO-2, where DeepSpeed hands the optimiser flat fp32
+    partitions in place of the parameters); "auto" (the default) turns it on where the device
+    has it."""
     section = ds_config.pop("optimizer", None) or {"type": "AdamW", "params": {}}
     if section.get("type", "AdamW").lower() != "adamw":
         raise ValueError(f"ds.json optimizer.type {section.get('type')!r}: only AdamW is supported")
@@ -203,9 +231,10 @@ def build_optimizer(model: torch.nn.Module, ds_config: dict[str, Any],
         raise ValueError(f"ds.json optimizer.params: unknown {sorted(unknown)}")
     weight_decay = params.pop("weight_decay", 0.2)
     lr = lr if lr is not None else params.pop("lr", 2e-4)
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr,
-                             betas=tuple(params.get("betas", (0.9, 0.95))),
-                             eps=params.get("eps", 1e-8))
+    groups = param_groups(model, weight_decay)
+    use_fused = resolve_fused(fused, [p for group in groups for p in group["params"]])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(params.get("betas", (0.9, 0.95))),
+                             eps=params.get("eps", 1e-8), fused=use_fused)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

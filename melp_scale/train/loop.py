@@ -96,7 +96,7 @@ class Trainer:
         self.total_steps = config.optim.epochs * self.steps_per_epoch
         if config.optim.max_steps is not None:
             self.total_steps = min(self.total_steps, config.optim.max_steps)
-        optimizer = build_optimizer(self.model, self.ds_config, config.optim.lr)
+        optimizer = build_optimizer(self.model, self.ds_config, config.optim.lr, config.optim.fused)
         self.base_lr = optimizer.param_groups[0]["lr"]
         scheduler = warmup_cosine(optimizer, config.optim.warmup_steps, self.total_steps,
                                   config.optim.min_lr_ratio, config.optim.decay)

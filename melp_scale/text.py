@@ -65,6 +65,22 @@ def split_report(report: str) -> list[str]:
     return [piece.strip() for piece in report.split(".") if piece.strip()]
 
 
+def augment_sentences(sentences: Sequence[str], drop_p: float, shuffle: bool,
+                      rng: np.random.Generator) -> list[str]:
+    """Training-time report augmentation: each sentence is left out with probability
+    ``drop_p`` (one random sentence is always kept) and, with ``shuffle``, the rest come in a
+    random order. What remains is still a true description of the ECG, and a single statement
+    (a zero-shot prompt) is then in the text tower's training distribution."""
+    sentences = list(sentences)
+    if len(sentences) <= 1:
+        return sentences
+    keep = rng.random(len(sentences)) >= drop_p
+    if not keep.any():
+        keep[rng.integers(len(sentences))] = True
+    order = rng.permutation(len(sentences)) if shuffle else np.arange(len(sentences))
+    return [sentences[i] for i in order if keep[i]]
+
+
 BOS_TOKEN = "[BOS]"
 
 

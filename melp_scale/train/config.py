@@ -84,6 +84,8 @@ class DataConfig:
     num_workers: int = 2  # DataLoader workers per rank
     lead_mask_p: float = 0.5  # random lead masking in training (METHOD.md §1)
     normalize: str = "minmax"  # per-record min-max (the reference), "zscore" or "none"
+    sentence_dropout: float = 0.0  # leave each report sentence out with this probability (one always kept); 0: reports as written
+    sentence_shuffle: bool = False  # report sentences in a random order
     shuffle_window: int = 1024  # samples permuted together on a rank
     on_error: str = "raise"  # bad sample: "raise" or "skip" (counted and logged)
     verify: bool = False  # check the shards' sha256 at start
@@ -91,6 +93,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_section(self, "data", {
             "num_workers": at_least(0), "lead_mask_p": ((lambda p: 0.0 <= p <= 1.0), "in [0, 1]"),
+            "sentence_dropout": ((lambda p: 0.0 <= p < 1.0), "in [0, 1)"),
             "normalize": one_of("minmax", "zscore", "none"), "shuffle_window": at_least(1),
             "on_error": one_of("raise", "skip")})
 

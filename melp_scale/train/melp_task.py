@@ -72,7 +72,8 @@ class MELPTask(Task):
             batch_size=micro_batch,
             num_workers=data.num_workers, seed=self.config.optim.seed,
             shuffle_window=data.shuffle_window, normalize=data.normalize,
-            lead_mask_p=data.lead_mask_p, text_model=text.name_or_path,
+            lead_mask_p=data.lead_mask_p, sentence_dropout=data.sentence_dropout,
+            sentence_shuffle=data.sentence_shuffle, text_model=text.name_or_path,
             max_text_length=text.max_length, on_error=data.on_error, verify=data.verify,
             pin_memory=placement.device.type == "cuda")
         train = StreamLoader(stream, placement.rank, placement.world_size)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -255,6 +256,30 @@ def op_classes(prof, use_device: bool) -> dict[str, float]:
     return totals
 
 
+def dropout_mask_rates(repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Million mask elements per second (best of ``repeats``) for dropout's keep mask (keep
+    0.9) made three exact ways: ``bernoulli_`` (what F.dropout uses), ``rand < keep`` and
+    31 random bits below keep x 2^31; on an activation-shaped and an attention-shaped tensor."""
+    keep, out = 0.9, {}
+    makers = {"bernoulli_": lambda shape: torch.empty(shape).bernoulli_(keep),
+              "rand<keep": lambda shape: torch.rand(shape) < keep,
+              "int32_bits<threshold": lambda shape: (torch.empty(shape, dtype=torch.int32).random_()
+                                                     < int(keep * 2 ** 31))}
+    for label, shape in (("activations 8x625x768", (8, 625, 768)),
+                         ("attention 8x12x625x625", (8, 12, 625, 625))):
+        numel, rates = math.prod(shape), {}
+        for name, make in makers.items():
+            make(shape)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                make(shape)
+                best = min(best, time.perf_counter() - start)
+            rates[name] = numel / best / 1e6
+        out[label] = rates
+    return out
+
+
 def gemm_rate(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
     """FLOP/s of a large square fp32 (CPU) or bf16 (GPU) matrix product on this process's
     threads: what the step's products could run at, at best."""
@@ -272,6 +297,8 @@ def gemm_rate(device: torch.device, size: int = 2048, repeats: int = 8) -> float
 def worker(args: argparse.Namespace) -> None:
     """One preset x lever in this process; prints one JSON line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(args.preset, args.lever, device)
     batch = batch_for(model, args.batch, device)
@@ -283,33 +310,43 @@ def worker(args: argparse.Namespace) -> None:
         shape = step_shape({k: v.cpu() for k, v in batch.items()})
         record["flops"] = step_flops(model.config, text_sizes_of(model), shape)
         record["gemm_flops_per_s"] = gemm_rate(device)
+        if args.lever == "eager" and device.type == "cpu":
+            record["dropout_mask_melem_per_s"] = dropout_mask_rates()
     elif args.fit:  # one step: does this batch fit?
         record |= time_steps(model, batch, 1, device, optimizer, warmup=0)
     else:
-        record |= time_steps(model, batch, args.steps, device, optimizer)
+        record |= time_steps(model, batch, args.steps, device, optimizer, warmup=args.warmup)
     print("RESULT " + json.dumps(record), flush=True)
 
 
 # ------------------------------------------------------------------------ the orchestrator
 def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool = False,
-               fit: bool = False) -> dict:
+               fit: bool = False, threads: int | None = None, warmup: int = 2,
+               timeout: float | None = None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset,
-               "--lever", lever, "--batch", str(batch), "--steps", str(steps)]
-    command += ["--profile"] * profile + ["--fit"] * fit
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+               "--lever", lever, "--batch", str(batch), "--steps", str(steps),
+               "--warmup", str(warmup)]
+    command += ["--profile"] * profile + ["--fit"] * fit + (["--threads", str(threads)] if threads else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"preset": preset, "lever": lever, "batch": batch,
+                "error": f"timed out after {timeout:.0f} s (--timeout), compilation included"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        return {"preset": preset, "lever": lever, "batch": batch,
-                "error": (done.stderr or done.stdout)[-1500:]}
+        return {"preset": preset, "lever": lever, "batch": batch, "returncode": done.returncode,
+                "error": f"exit status {done.returncode} (negative: killed by that signal, "
+                         f"-9 e.g. out of memory)\n" + (done.stderr or done.stdout)[-1500:]}
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def largest_batch(preset: str, lever: str, budget_gb: float, limit: int = 1024) -> dict:
+def largest_batch(preset: str, lever: str, budget_gb: float, limit: int = 1024,
+                  threads: int | None = None) -> dict:
     """The largest power-of-two micro-batch whose one-step peak memory stays within
     ``budget_gb`` (CPU: the process high-water mark; GPU: allocated memory, an OOM = no fit)."""
     batch, fits = 1, None
     while batch <= limit:
-        run = run_worker(preset, lever, batch, 1, fit=True)
+        run = run_worker(preset, lever, batch, 1, fit=True, threads=threads)
         if "error" in run or run["peak_memory_gb"] > budget_gb:
             break
         fits, batch = {"batch": batch, "peak_memory_gb": run["peak_memory_gb"]}, batch * 2
@@ -386,6 +423,8 @@ def floor_analysis(profiles: dict[str, dict], rows: list[dict]) -> dict[str, dic
                  "gemm_conv_floor_vs_eager": (ops["gemm"] + ops["conv"]) / eager_total,
                  "gemm_flops_per_s": profile["gemm_flops_per_s"],
                  "flop_floor_s": profile["flops"]["total"]["total"] / profile["gemm_flops_per_s"]}
+        if "dropout_mask_melem_per_s" in profile:
+            entry["dropout_masks"] = profile["dropout_mask_melem_per_s"]
         if "eager" in timed:
             entry["flop_floor_vs_eager"] = entry["flop_floor_s"] / timed["eager"]["median_s"]
         out[lever] = entry
@@ -405,6 +444,10 @@ def print_floor(floor: dict[str, dict]) -> None:
               f"{entry['dropout_rng_s']:>7.2f}{entry['gemm_floor_vs_eager']:>11.2f}"
               f"{entry['gemm_conv_floor_vs_eager']:>9.2f}")
     first = next(iter(floor.values()))
+    if "dropout_masks" in first:
+        for label, rates in first["dropout_masks"].items():
+            print(f"dropout keep mask, {label}: " + ", ".join(
+                f"{name} {rate:.0f}" for name, rate in rates.items()) + " M elements/s")
     if "flop_floor_s" in first:
         print(f"model FLOPs at the large-GEMM rate ({first['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s): "
               f"{first['flop_floor_s']:.2f} s/step"
@@ -454,6 +497,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 8 on CPU")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after 2 warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the levers")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens there)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: torch's); on a shared machine 1 thread "
+                             "keeps OpenMP from burning CPU time spin-waiting for a descheduled sibling")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per run before it counts as failed")
     parser.add_argument("--record", action="store_true", help="write into benchmarks/results/ (tracked)")
     parser.add_argument("--out", default=None, help="results folder (default: a temporary one)")
     parser.add_argument("--fit-gb", type=float, default=None,
@@ -478,18 +526,21 @@ def main() -> None:
         for lever in dict.fromkeys(["eager", *args.profile_levers]):
             print(f"== {preset}: profiling one step ({lever})", flush=True)
             lever_profiles.setdefault(preset, {})[lever] = run_worker(
-                preset, lever, batch, args.steps, profile=True)
+                preset, lever, batch, args.steps, profile=True, threads=args.threads,
+                timeout=args.timeout)
         profiles[preset] = lever_profiles[preset]["eager"]
         for round_index in range(args.rounds):
             for lever in args.levers:  # interleaved: every lever once per round
                 print(f"   round {round_index + 1}/{args.rounds}: {lever}", flush=True)
-                runs.append(run_worker(preset, lever, batch, args.steps))
+                runs.append(run_worker(preset, lever, batch, args.steps, threads=args.threads,
+                                       warmup=args.warmup, timeout=args.timeout))
         if args.fit_gb:
             for lever in args.levers:
                 print(f"   largest micro-batch within {args.fit_gb} GB: {lever}", flush=True)
-                fits.append(largest_batch(preset, lever, args.fit_gb))
+                fits.append(largest_batch(preset, lever, args.fit_gb, threads=args.threads))
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\ndevice {device} ({name}), batch {batch}, {args.steps} steps x {args.rounds} rounds, "
+          f"{args.threads or torch.get_num_threads()} thread(s), "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; peak: "
           f"{f'{peak_name} {peak / 1e12:.0f} TFLOP/s bf16 dense' if peak else 'n/a'}")
     rows, floors = [], {}
@@ -516,7 +567,9 @@ def main() -> None:
     path = os.path.join(out, f"train_step-{device.type}-{stamp}.json")
     with open(path, "w") as handle:
         json.dump({"benchmark": "train_step", "environment": environment(device), "batch": batch,
-                   "cores": os.cpu_count(), "peak": {"device": peak_name, "bf16_flops": peak},
+                   "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+                   "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                   "peak": {"device": peak_name, "bf16_flops": peak},
                    "profiles": profiles, "lever_profiles": lever_profiles, "floor": floors,
                    "rows": rows, "runs": runs,
                    "largest_batch": fits}, handle, indent=1)

@@ -11,14 +11,21 @@ For each preset it prints
   autograd links to them by sequence number), achieved TFLOP/s and MFU (GPU: against the dense
   bf16 peak; CPU: n/a);
 - the lever table: s/step, process CPU s/step, peak memory and the ratio to ``eager`` (no
-  lever) for each lever combination (``--levers``).
+  lever) for each lever combination (``--levers``);
+- the floor table (``--profile-levers``): seconds of one profiled step in matrix products,
+  convolutions and dropout's random masks, and what the products alone cost against the whole
+  eager step: a lever that leaves the products as they are cannot go below that ratio. Beside
+  it the step's model FLOPs at the rate of one large matrix product on this process's threads,
+  and (CPU) how fast three exact ways make dropout's keep mask.
 
 Honest figures on a shared machine: every combination runs in its own fresh process (peak
 memory is that process's high-water mark on the CPU), the combinations run interleaved, round
 after round (``--rounds``), so a neighbour's burst hits all of them alike; each run records the
 load average before and after and the process CPU time beside the wall time, and a run is
 flagged busy when the 1-minute load exceeded the cores or its CPU time fell well short of
-wall time x threads (it waited for a core).
+wall time x threads (it waited for a core). On a busy machine ``--threads 1`` gives the steadier
+CPU time: with two OpenMP threads, one waiting for its descheduled sibling spins and bills CPU
+time for it.
 
 Results (JSON + PNG bar chart) go to a fresh temporary folder unless ``--record`` is given,
 which writes them under benchmarks/results/ (tracked).

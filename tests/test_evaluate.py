@@ -83,9 +83,17 @@ def test_caption_statements_and_metrics():
 
 
 def test_registry_and_prompts_cover_every_class():
+    from melp_scale.shard.sources import synthetic
+
+    statements = {text for _, text in synthetic.RATE_CLASSES.values()}
+    statements |= {text for pair in synthetic.SENTENCES.values() for text in pair}
     for task in TASKS.values():
         prompts = task.prompts()
-        assert len(prompts) == len(task.classes) and all(len(p.split()) >= 2 for p in prompts)
+        assert len(prompts) == len(task.classes) and len(set(prompts)) == len(prompts)
+        if task.source == "synthetic":  # the statement the synthetic reports use for the class
+            assert set(prompts) <= statements, (task.name, prompts)
+        else:  # a description, not a bare class name
+            assert all(len(p.split()) >= 2 for p in prompts), (task.name, prompts)
     sizes = {name: len(TASKS[name].classes) for name in
              ("ptbxl-super", "ptbxl-sub", "ptbxl-form", "ptbxl-rhythm", "cpsc2018", "csn")}
     assert sizes == {"ptbxl-super": 5, "ptbxl-sub": 23, "ptbxl-form": 19, "ptbxl-rhythm": 12,

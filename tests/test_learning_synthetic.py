@@ -80,7 +80,7 @@ def test_reports_state_what_the_signal_shows():
     for ref, raw in _records(seed=11, count=40):
         labels, sentences = ref.labels, ref.sentences
         assert sentences[0] == synthetic.RATE_CLASSES[labels["rate"]][1]
-        assert (sentences[1] == "regular rhythm") == labels["regular"]
+        assert (sentences[1] == "sinus rhythm") == labels["regular"]
         assert (sentences[2] == "wide qrs, bundle branch block") == labels["wide_qrs"]
         assert (sentences[3] == "low qrs voltages in the limb leads") == labels["low_voltage"]
         assert (sentences[4] == "noisy recording") == labels["noisy"]
@@ -90,6 +90,34 @@ def test_reports_state_what_the_signal_shows():
         low, high = bounds[labels["rate"]]
         assert low <= _measured_rate(raw) <= high, (ref.record_id, labels, _measured_rate(raw))
     assert seen == set(bounds)
+
+
+def _rr_cv_and_p_ratio(raw) -> tuple[float, float]:
+    """RR coefficient of variation from R peaks, and the mean lead-II amplitude in the PR window
+    (200-100 ms before each R) relative to the R amplitude."""
+    signal = raw.signal
+    proxy = np.abs(signal[:, 0]) + np.abs(signal[:, 10]) + np.abs(signal[:, 6])
+    peaks, _ = find_peaks(proxy, height=0.5 * proxy.max(), distance=int(0.28 * raw.fs))
+    rr = np.diff(peaks) / raw.fs
+    lead_ii = signal[:, 1] - np.median(signal[:, 1])
+    windows = [lead_ii[p - int(0.2 * raw.fs):p - int(0.1 * raw.fs)] for p in peaks if p >= 0.2 * raw.fs]
+    p_wave = np.mean([w.max() for w in windows])
+    return float(rr.std() / rr.mean()), float(p_wave / np.abs(lead_ii[peaks]).mean())
+
+
+def test_atrial_fibrillation_is_irregular_without_p_waves():
+    """Clean records: atrial fibrillation has an RR c.v. above any sinus record's and no P wave
+    peak in the PR window (only f waves, well below a sinus P wave)."""
+    cv, p_ratio = {True: [], False: []}, {True: [], False: []}
+    for ref, raw in _records(seed=5, count=60):
+        if ref.labels["noisy"]:
+            continue
+        rr_cv, ratio = _rr_cv_and_p_ratio(raw)
+        cv[ref.labels["regular"]].append(rr_cv)
+        p_ratio[ref.labels["regular"]].append(ratio)
+    assert len(cv[True]) >= 5 and len(cv[False]) >= 5
+    assert max(cv[True]) < 0.05 < 0.08 < min(cv[False]), cv
+    assert np.median(p_ratio[False]) < 0.6 * np.median(p_ratio[True]), p_ratio
 
 
 def test_low_voltage_records_have_small_limb_leads_relative_to_chest_leads():

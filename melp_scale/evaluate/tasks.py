@@ -13,7 +13,7 @@ split CSVs; ``aliases`` are other column names a split CSV may use for the same 
 | code15 | code15 | code15 | 1dAVb, RBBB, LBBB, SB, AF, ST (CODE's ST is sinus tachycardia) |
 | csn | challenge | dx | the 38 classes of the published CSN split (Chapman acronyms -> SNOMED codes) |
 | synthetic-rate | synthetic | rate | bradycardia / normal / tachycardia |
-| synthetic-rhythm / -qrs / -voltage / -noise | synthetic | regular / wide_qrs / low_voltage / noisy | two classes each |
+| synthetic-rhythm / -qrs / -voltage / -noise | synthetic | regular / wide_qrs / low_voltage / noisy | two classes each (rhythm: sinus rhythm / atrial fibrillation) |
 
 CSN: the class list is fixed, not derived from the codes present, so that results are
 comparable across data subsets and a published split CSV's 38 columns match by name. Each
@@ -178,7 +178,7 @@ TASKS: dict[str, Task] = {task.name: task for task in (
         TaskClass("bradycardia", ("brady",)), TaskClass("normal", ("normal",)),
         TaskClass("tachycardia", ("tachy",)))),
     _synthetic("synthetic-rhythm", "Synth-Rhythm", "regular", (
-        TaskClass("regular", ("True",)), TaskClass("irregular", ("False",)))),
+        TaskClass("sinus rhythm", ("True",)), TaskClass("atrial fibrillation", ("False",)))),
     _synthetic("synthetic-qrs", "Synth-QRS", "wide_qrs", (
         TaskClass("wide qrs", ("True",)), TaskClass("narrow qrs", ("False",)))),
     _synthetic("synthetic-voltage", "Synth-Voltage", "low_voltage", (

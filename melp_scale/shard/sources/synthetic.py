@@ -26,9 +26,10 @@ interval). Per record (seeded from ``(seed, subject, index)``): the beat phase a
 limb-lead voltage class, the noise class, a global gain and baseline wander. The report states
 exactly the simulated classes, one sentence per factor:
 
-- rate: "sinus bradycardia" (42-55 bpm), "sinus rhythm" (65-92), "sinus tachycardia" (110-145);
-- regularity: "regular rhythm" (RR s.d. 1.5 %) or "sinus arrhythmia" (RR s.d. 12-20 %, beat to
-  beat, P waves kept);
+- rate: "bradycardia" (42-55 bpm), "normal heart rate" (65-92), "tachycardia" (110-145);
+- rhythm: "sinus rhythm" (RR s.d. 1.5 %, a P wave before every QRS) or "atrial fibrillation"
+  (irregularly irregular: RR s.d. 15-25 % beat to beat, no P waves, fibrillatory waves of
+  0.05-0.10 mV at 5-8 Hz on the baseline, largest in V1 and the inferior leads);
 - QRS: "normal qrs duration" or "wide qrs, bundle branch block" (QRS waves 1.8x wider plus a
   terminal R' wave pointing anteriorly and to the right, a right-bundle-branch-like pattern);
 - voltage: "normal voltage" or "low qrs voltages in the limb leads" (limb leads x 0.3-0.45);
@@ -57,12 +58,14 @@ from melp_scale.shard.sources import Listing, SourceOptions
 FS = 500  # simulation rate (Hz); the builder resamples to its --fs
 RECORD_SECONDS = 10
 RR_MIN_S, RR_MAX_S = 0.3, 2.0  # every RR interval is clipped into this range
-RATE_CLASSES = {"brady": ((42, 55), "sinus bradycardia"), "normal": ((65, 92), "sinus rhythm"),
-                "tachy": ((110, 145), "sinus tachycardia")}
+# The rate statements name the rate only ("sinus" belongs to the rhythm factor, which is
+# independent of the rate).
+RATE_CLASSES = {"brady": ((42, 55), "bradycardia"), "normal": ((65, 92), "normal heart rate"),
+                "tachy": ((110, 145), "tachycardia")}
 # Statements of one factor differ in more than one word: "irregular rhythm" / "regular rhythm"
 # and "wide" / "narrow qrs complexes" embed almost identically in the text tower, which then
 # gives the InfoNCE no signal for them (docs/learning_sanity.md).
-SENTENCES = {"regular": ("sinus arrhythmia", "regular rhythm"),
+SENTENCES = {"regular": ("atrial fibrillation", "sinus rhythm"),
              "wide_qrs": ("normal qrs duration", "wide qrs, bundle branch block"),
              "low_voltage": ("normal voltage", "low qrs voltages in the limb leads"),
              "noisy": ("good signal quality", "noisy recording")}
@@ -72,6 +75,7 @@ SENTENCES = {"regular": ("sinus arrhythmia", "regular rhythm"),
 WAVES = {"P": (-0.16, 0.022, (0.10, 0.14, 0.03)), "Q": (-0.028, 0.009, (-0.12, -0.02, 0.22)),
          "R": (0.0, 0.011, (0.95, 0.75, -0.55)), "S": (0.028, 0.010, (-0.25, -0.30, -0.35)),
          "T": (0.26, 0.050, (0.28, 0.26, 0.06))}
+F_WAVE_VECTOR = (-0.25, 0.55, 0.60)  # atrial fibrillatory activity: inferior and anterior-right
 WIDE_QRS_FACTOR = 1.8  # QRS wave s.d. and Q/S offsets x this in the wide class
 R_PRIME = (0.075, 0.018, (-0.30, 0.0, 0.55))  # the wide class's terminal, anterior-right wave
 PRECORDIAL_DEG = (115.0, 94.0, 76.0, 60.0, 30.0, 0.0)  # V1..V6 in the horizontal plane, from +x
@@ -90,7 +94,9 @@ def _subject_settings(seed: int, subject: int) -> dict:
     low, high = RATE_CLASSES[rate][0]
     regular = bool(rng.random() < 0.5)
     return {"rate": rate, "heart_rate": float(rng.uniform(low, high)), "regular": regular,
-            "rr_cv": 0.015 if regular else float(rng.uniform(0.12, 0.20)),
+            "rr_cv": 0.015 if regular else float(rng.uniform(0.15, 0.25)),
+            "f_wave_mv": 0.0 if regular else float(rng.uniform(0.05, 0.10)),
+            "f_wave_hz": float(rng.uniform(5.0, 8.0)),
             "wide_qrs": bool(rng.random() < 0.5),
             "rotation_deg": [float(v) for v in rng.uniform(-15.0, 15.0, size=3)],
             "wave_gain": [float(v) for v in rng.uniform(0.8, 1.2, size=len(WAVES))],
@@ -137,6 +143,8 @@ def heart_vector(subject: dict, times: np.ndarray, t: np.ndarray) -> np.ndarray:
     waves = []
     for (name, (offset, width, vector)), gain in zip(WAVES.items(), subject["wave_gain"]):
         if name == "P":
+            if not subject["regular"]:
+                continue  # atrial fibrillation: no organised atrial activity, no P wave
             offset = -subject["pr_s"]
         if subject["wide_qrs"] and name in ("Q", "R", "S"):
             offset, width = offset * WIDE_QRS_FACTOR, width * WIDE_QRS_FACTOR
@@ -153,6 +161,19 @@ def heart_vector(subject: dict, times: np.ndarray, t: np.ndarray) -> np.ndarray:
         shape = np.exp(-0.5 * ((t[None, :] - centres[:, None]) / (width * scale[:, None])) ** 2)
         signal += (rotation @ vector)[:, None] * shape.sum(axis=0)[None, :]  # (3, T)
     return signal
+
+
+def fibrillatory_waves(subject: dict, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(3, len(t)) heart vector (mV) of atrial fibrillation's f waves: an oscillation at the
+    subject's f-wave frequency whose amplitude and phase drift (zero in sinus rhythm)."""
+    if subject["f_wave_mv"] == 0.0:
+        return np.zeros((3, t.size))
+    drift = 0.5 + 0.5 * np.sin(2 * np.pi * rng.uniform(0.1, 0.3) * t + rng.uniform(0, 2 * np.pi))
+    phase = 2 * np.pi * subject["f_wave_hz"] * t + 1.5 * np.sin(
+        2 * np.pi * rng.uniform(0.2, 0.5) * t + rng.uniform(0, 2 * np.pi))
+    wave = subject["f_wave_mv"] * (0.5 + drift) * np.sin(phase)
+    direction = _rotation(subject["rotation_deg"]) @ np.asarray(F_WAVE_VECTOR)
+    return direction[:, None] / np.linalg.norm(direction) * wave[None, :]
 
 
 def leads_from_vector(vector: np.ndarray, limb_scale: float = 1.0,
@@ -178,7 +199,8 @@ def simulate_record(subject_settings: dict, record_settings: dict) -> RawSignal:
     rng = np.random.default_rng(record_settings["record_seed"])
     t = np.arange(RECORD_SECONDS * FS) / FS
     times = beat_times(subject_settings["heart_rate"], subject_settings["rr_cv"], RECORD_SECONDS, rng)
-    vector = record_settings["gain"] * heart_vector(subject_settings, times, t)
+    vector = record_settings["gain"] * (heart_vector(subject_settings, times, t)
+                                        + fibrillatory_waves(subject_settings, t, rng))
     noise_mv = record_settings["noise_mv"]
     wander = record_settings["wander_mv"] * np.sin(
         2 * np.pi * record_settings["wander_hz"] * t + rng.uniform(0, 2 * np.pi))

@@ -258,8 +258,8 @@ def print_table(final: dict[str, Any], result: dict[str, Any]) -> None:
     print(f"{'factor':<20}{'zero-shot AUC [95% CI]':<30}{'linear probe AUC':<18}")
     for name, scores in final.items():
         zero, probe = scores["zeroshot"], scores["linear_probe"]
-        ci = zero["macro_auc_ci95"] or ["-", "-"]
-        print(f"{name:<20}{zero['macro_auc']:>6.1f} [{ci[0]}, {ci[1]}]{'':<8}"
+        ci = [f"{v:.1f}" for v in zero["macro_auc_ci95"]] if zero["macro_auc_ci95"] else ["-", "-"]
+        print(f"{name:<20}{zero['macro_auc']:>6.1f} [{ci[0]}, {ci[1]}]{'':<14}"
               f"{probe['macro_auc']:>6.1f}")
     lowest = result["min_zeroshot_macro_auc"]
     print(f"lowest zero-shot macro AUC {lowest:.1f}: the >= 90 goal on every factor is "

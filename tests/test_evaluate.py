@@ -326,29 +326,33 @@ def test_demo_checkpoint_zeroshot_rate_on_unseen_synthetic_set(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_trainer_demo_recipe_zeroshot_rate_on_unseen_synthetic_set(tmp_path):
-    """The README's main job as it is (demo preset and config, all three losses) on the demo
-    shards, then zero-shot on a separately simulated set (its own held-out scoring is off:
-    this test scores with the evaluation CLI)."""
+def test_trainer_demo_recipe_zeroshot_every_factor_on_unseen_synthetic_set(tmp_path):
+    """The README's claim: the main job as shipped (demo preset and config, all three losses,
+    400 steps) on the demo shards, then zero-shot with the evaluation CLI on a separately
+    simulated held-out set (256 other subjects, seed 7; the run's own held-out scoring is off
+    here): >= 90 macro AUC on every simulated factor."""
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     train, held_out = str(tmp_path / "train"), str(tmp_path / "heldout")
     # exactly the demo shards launch/pretrain.py builds, and a set simulated with another seed
-    from melp_scale.shard.sources.synthetic import demo_build_config
+    from melp_scale.shard.sources.synthetic import HELDOUT_COUNT, demo_build_config
 
     run_build(demo_build_config(train, workers=2))
-    run_build(demo_build_config(held_out, workers=2, seed=7, count=48, val_fraction=0.0))
+    run_build(demo_build_config(held_out, workers=2, seed=7, count=HELDOUT_COUNT, val_fraction=0.0))
     run = str(tmp_path / "run")
     result = subprocess.run([sys.executable, "launch/pretrain.py", "--ds_config", "ds.json",
                              "--shards", train, "--out", run, "run.select_every=0"], cwd=repo,
                             capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = str(tmp_path / "eval")
+    tasks = ["synthetic-rate", "synthetic-rhythm", "synthetic-qrs", "synthetic-voltage",
+             "synthetic-noise"]
     assert evaluate_main(["zeroshot", "--checkpoint", os.path.join(run, "export"), "--data",
-                          held_out, "--out", out, "--task", "synthetic-rate",
+                          held_out, "--out", out, *(a for t in tasks for a in ("--task", t)),
                           "--zeroshot-split", "all"]) == 0
-    scores = json.load(open(os.path.join(out, "results.json")))["zeroshot"]["synthetic-rate"]
-    assert scores["macro_auc"] > 58, scores  # chance is 50; 63.0 measured when written
-    assert scores["macro_auc_ci95"][0] > 50, scores
+    scores = json.load(open(os.path.join(out, "results.json")))["zeroshot"]
+    for task in tasks:
+        assert scores[task]["num_rows"] == HELDOUT_COUNT, scores[task]
+        assert scores[task]["macro_auc"] >= 90, (task, scores[task])  # chance is 50

@@ -271,60 +271,6 @@ def test_cli_runs_every_evaluation_on_synthetic_shards(tmp_path, capsys):
 # ----------------------------------------------------------------------------- acceptance (slow)
 
 
-def _train_demo_locked_text(shards: str, steps: int, out: str, batch_size: int = 16) -> None:
-    """Train the demo model's ECG tower on synthetic shards against its frozen text tower.
-
-    The global InfoNCE of METHOD.md §3 with soft targets (identical reports are positives of
-    each other: the synthetic set has 24 distinct reports), the text tower frozen (so the
-    zero-shot text side is exactly what training matched against), no lead masking; the
-    pretraining ECG transform (minmax) of StreamLoader.
-    """
-    from melp_scale.model import MELP, MELPConfig
-    from melp_scale.stream import StreamConfig, StreamLoader
-
-    torch.manual_seed(0)
-    model = MELP(MELPConfig.preset("demo"))
-    params = [*model.ecg_encoder.parameters(), *model.beat_pooler.parameters(), model.logit_scale]
-    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.2)
-    loader = StreamLoader(StreamConfig(shard_dir=shards, batch_size=batch_size, num_workers=0,
-                                       lead_mask_p=0.0), rank=0, world_size=1, tokenizer=model.tokenizer)
-    model.text.eval()
-    step = 0
-    while step < steps:
-        for batch in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = 1e-3 * min(1.0, (step + 1) / 10)  # warm-up (METHOD.md §4)
-            ecg_global, _ = model.encode_ecg(batch["ecg"])
-            with torch.no_grad():
-                text = model.encode_text(batch)
-            logits = model.logit_scale[0].exp() * ecg_global @ text.T  # (B, B)
-            same = (text @ text.T > 0.9999).float()
-            loss = -(same / same.sum(1, keepdim=True) * logits.log_softmax(dim=1)).sum(1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            model.clamp_logit_scale_()
-            step += 1
-            if step >= steps:
-                break
-    model.save_pretrained(out)
-
-
-@pytest.mark.slow
-def test_demo_checkpoint_zeroshot_rate_on_unseen_synthetic_set(tmp_path, capsys):
-    train = _build_synthetic(str(tmp_path / "train"), seed=0, count=96)
-    held_out = _build_synthetic(str(tmp_path / "heldout"), seed=7, count=48)
-    checkpoint = str(tmp_path / "demo")
-    _train_demo_locked_text(train, steps=60, out=checkpoint)
-    out = str(tmp_path / "eval")
-    assert evaluate_main(["zeroshot", "--checkpoint", checkpoint, "--data", held_out, "--out", out,
-                          "--task", "synthetic-rate", "--zeroshot-split", "all"]) == 0
-    result = json.load(open(os.path.join(out, "results.json")))["zeroshot"]["synthetic-rate"]
-    assert result["num_rows"] == 48 and not result["absent_classes"]
-    assert result["macro_auc"] > 70, result  # chance is 50
-    assert result["macro_auc_ci95"][0] > 50, result
-
-
 @pytest.mark.slow
 def test_trainer_demo_recipe_zeroshot_every_factor_on_unseen_synthetic_set(tmp_path):
     """The README's claim: the main job as shipped (demo preset and config, all three losses,
@@ -344,7 +290,7 @@ def test_trainer_demo_recipe_zeroshot_every_factor_on_unseen_synthetic_set(tmp_p
     run = str(tmp_path / "run")
     result = subprocess.run([sys.executable, "launch/pretrain.py", "--ds_config", "ds.json",
                              "--shards", train, "--out", run, "run.select_every=0"], cwd=repo,
-                            capture_output=True, text=True, timeout=3600)
+                            capture_output=True, text=True, timeout=3600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     out = str(tmp_path / "eval")
     tasks = ["synthetic-rate", "synthetic-rhythm", "synthetic-qrs", "synthetic-voltage",
@@ -352,7 +298,8 @@ def test_trainer_demo_recipe_zeroshot_every_factor_on_unseen_synthetic_set(tmp_p
     assert evaluate_main(["zeroshot", "--checkpoint", os.path.join(run, "export"), "--data",
                           held_out, "--out", out, *(a for t in tasks for a in ("--task", t)),
                           "--zeroshot-split", "all"]) == 0
-    scores = json.load(open(os.path.join(out, "results.json")))["zeroshot"]
+    with open(os.path.join(out, "results.json")) as handle:
+        scores = json.load(handle)["zeroshot"]
     for task in tasks:
         assert scores[task]["num_rows"] == HELDOUT_COUNT, scores[task]
         assert scores[task]["macro_auc"] >= 90, (task, scores[task])  # chance is 50

@@ -319,8 +319,8 @@ def worker(args: argparse.Namespace) -> None:
         record["gemm_flops_per_s"] = gemm_rate(device)
         if args.lever == "eager" and device.type == "cpu":
             record["dropout_mask_melem_per_s"] = dropout_mask_rates()
-    elif args.fit:  # one step: does this batch fit?
-        record |= time_steps(model, batch, 1, device, optimizer, warmup=0)
+    elif args.fit:  # does this batch fit? two steps: AdamW's moments exist from the first
+        record |= time_steps(model, batch, 1, device, optimizer, warmup=1)
     else:
         record |= time_steps(model, batch, args.steps, device, optimizer, warmup=args.warmup)
     print("RESULT " + json.dumps(record), flush=True)
@@ -349,7 +349,7 @@ def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool = 
 
 def largest_batch(preset: str, lever: str, budget_gb: float, limit: int = 1024,
                   threads: int | None = None) -> dict:
-    """The largest power-of-two micro-batch whose one-step peak memory stays within
+    """The largest power-of-two micro-batch whose two-step peak memory stays within
     ``budget_gb`` (CPU: the process high-water mark; GPU: allocated memory, an OOM = no fit)."""
     batch, fits = 1, None
     while batch <= limit:

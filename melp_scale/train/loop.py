@@ -345,6 +345,24 @@ class Trainer:
         self.metrics.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        _remove_shm_buffer()
+
+
+def _remove_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer (/dev/shm, ~66 MB), which DeepSpeed's
+    shm communication op creates per rank and run and never removes. The name is this run's
+    own (user id, master address and port, rank); ranks that mapped it keep their mapping."""
+    env = os.environ
+    if not all(k in env for k in ("MASTER_ADDR", "MASTER_PORT", "RANK")):
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_"
+            f"{env['MASTER_PORT']}_{env['RANK']}")
+    path = os.path.join("/dev/shm", name)
+    if "/" not in name and os.path.isfile(path):
+        try:
+            os.unlink(path)
+        except OSError as error:  # not ours to fight over: say so and go on
+            log.warning("could not remove %s: %s", path, error)
 
 
 def _single_process_env() -> None:

@@ -8,3 +8,46 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# DeepSpeed's CPU all-reduce op leaves a ~66 MB /dev/shm file per rank and run; the Trainer
+# removes its own (melp_scale.train.loop), but tests that kill ranks on purpose or call
+# deepspeed.initialize directly leave theirs. At the end of the session, remove the ones this
+# session created that no live process maps any more (never one that existed before it).
+_SHM_PREFIX = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+
+
+def _shm_buffers() -> set[str]:
+    import glob
+
+    return set(glob.glob(_SHM_PREFIX + "*"))
+
+
+def _mapped_paths() -> set[str]:
+    import glob
+
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as handle:
+                mapped.update(line.split(None, 5)[5].strip() for line in handle
+                              if "deepspeed_allreduce_buffer" in line)
+        except (OSError, IndexError):
+            continue
+    return mapped
+
+
+def pytest_sessionstart(session):
+    session.config._shm_before = _shm_buffers()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_shm_before", None)
+    if before is None:
+        return
+    mapped = _mapped_paths()
+    for path in _shm_buffers() - before - mapped:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

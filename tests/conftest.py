@@ -2,9 +2,13 @@
 
 TRITON_INTERPRET must be set before triton is first imported by any test module.
 """
+import contextlib
+import glob
 import os
 
 import torch
+
+from melp_scale.train.loop import SHM_BUFFER_PREFIX
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,18 +18,12 @@ if not torch.cuda.is_available():
 # removes its own (melp_scale.train.loop), but tests that kill ranks on purpose or call
 # deepspeed.initialize directly leave theirs. At the end of the session, remove the ones this
 # session created that no live process maps any more (never one that existed before it).
-_SHM_PREFIX = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
-
-
-def _shm_buffers() -> set[str]:
-    import glob
-
-    return set(glob.glob(_SHM_PREFIX + "*"))
+def shm_buffers() -> set[str]:
+    """This user's DeepSpeed all-reduce buffers in /dev/shm."""
+    return set(glob.glob(f"{SHM_BUFFER_PREFIX}{os.getuid()}_*"))
 
 
 def _mapped_paths() -> set[str]:
-    import glob
-
     mapped = set()
     for maps in glob.glob("/proc/[0-9]*/maps"):
         try:
@@ -38,7 +36,7 @@ def _mapped_paths() -> set[str]:
 
 
 def pytest_sessionstart(session):
-    session.config._shm_before = _shm_buffers()
+    session.config._shm_before = shm_buffers()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -46,8 +44,6 @@ def pytest_sessionfinish(session, exitstatus):
     if before is None:
         return
     mapped = _mapped_paths()
-    for path in _shm_buffers() - before - mapped:
-        try:
+    for path in shm_buffers() - before - mapped:
+        with contextlib.suppress(OSError):  # best effort: another cleaner may have won
             os.unlink(path)
-        except OSError:
-            pass

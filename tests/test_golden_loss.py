@@ -18,7 +18,6 @@ An intended change of the demo model or recipe changes the curve: regenerate it 
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import subprocess
@@ -28,6 +27,7 @@ import pytest
 
 from melp_scale.shard.build import run_build
 from melp_scale.shard.sources import synthetic
+from tests.conftest import shm_buffers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(REPO, "tests", "assets", "golden_loss_demo.json")
@@ -57,15 +57,11 @@ def _run_demo(tmp_path) -> list[dict]:
     return [{"step": r["step"], **{name: r[name] for name in NAMES}} for r in records]
 
 
-def _shm_buffers() -> set[str]:
-    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
-
-
 def test_demo_recipe_follows_the_golden_loss_curve(tmp_path):
-    before = _shm_buffers()
+    before = shm_buffers()
     curve = _run_demo(tmp_path)
     # the run removed the ~66 MB all-reduce buffer DeepSpeed's CPU op left in /dev/shm
-    assert _shm_buffers() <= before
+    assert shm_buffers() <= before
     assert [r["step"] for r in curve] == list(range(1, STEPS + 1))
     # independent of the stored file: the run learns (last five steps below the first five)
     first = sum(r["loss"] for r in curve[:5]) / 5

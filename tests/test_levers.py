@@ -9,7 +9,6 @@ plain projection + ``F.cross_entropy`` in float64, gradients included. The fused
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ from melp_scale.model.config import (
     TextEncoderConfig,
 )
 from melp_scale.model.fused_ce import chunked_linear_cross_entropy
+from melp_scale.train.loop import shm_buffer_path
 
 REPORTS = ["sinus rhythm. normal ecg.",
            "atrial fibrillation with rapid ventricular response. left axis deviation.",
@@ -295,8 +295,10 @@ def test_fused_adamw_under_zero2_matches_the_loop(tmp_path):
             if worker.is_alive():
                 worker.kill()
     finally:  # DeepSpeed's CPU all-reduce leaves a 66 MB shared-memory buffer per rank behind
-        for leftover in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):
-            os.remove(leftover)
+        for rank in range(2):
+            leftover = shm_buffer_path("127.0.0.1", port, rank)
+            if os.path.exists(leftover):
+                os.remove(leftover)
     assert [w.exitcode for w in workers] == [0, 0]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for result in ranks:

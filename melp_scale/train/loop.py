@@ -348,17 +348,26 @@ class Trainer:
         _remove_shm_buffer()
 
 
+# DeepSpeed's CPU all-reduce op (its shm.cpp) maps one ~66 MB buffer per rank and run, named
+# PREFIX + "{uid}_{master address}_{master port}_{rank}", and never removes it.
+SHM_BUFFER_PREFIX = "/dev/shm/deepspeed_allreduce_buffer_"
+
+
+def shm_buffer_path(addr: str, port: str | int, rank: str | int) -> str | None:
+    """This user's all-reduce buffer of the run at ``addr:port``, ``rank``; None when the
+    parts would name a path outside /dev/shm."""
+    name = f"{os.getuid()}_{addr}_{port}_{rank}"
+    return None if "/" in name else SHM_BUFFER_PREFIX + name
+
+
 def _remove_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer (/dev/shm, ~66 MB), which DeepSpeed's
-    shm communication op creates per rank and run and never removes. The name is this run's
-    own (user id, master address and port, rank); ranks that mapped it keep their mapping."""
+    """Unlink this rank's all-reduce buffer: the name is this run's own (user id, master
+    address and port, rank); ranks that mapped it keep their mapping."""
     env = os.environ
     if not all(k in env for k in ("MASTER_ADDR", "MASTER_PORT", "RANK")):
         return
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_"
-            f"{env['MASTER_PORT']}_{env['RANK']}")
-    path = os.path.join("/dev/shm", name)
-    if "/" not in name and os.path.isfile(path):
+    path = shm_buffer_path(env["MASTER_ADDR"], env["MASTER_PORT"], env["RANK"])
+    if path is not None and os.path.isfile(path):
         try:
             os.unlink(path)
         except OSError as error:  # not ours to fight over: say so and go on

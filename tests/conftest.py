@@ -8,8 +8,6 @@ import os
 
 import torch
 
-from melp_scale.train.loop import SHM_BUFFER_PREFIX
-
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -20,6 +18,8 @@ if not torch.cuda.is_available():
 # session created that no live process maps any more (never one that existed before it).
 def shm_buffers() -> set[str]:
     """This user's DeepSpeed all-reduce buffers in /dev/shm."""
+    from melp_scale.train.loop import SHM_BUFFER_PREFIX  # imports triton: after TRITON_INTERPRET
+
     return set(glob.glob(f"{SHM_BUFFER_PREFIX}{os.getuid()}_*"))
 
 

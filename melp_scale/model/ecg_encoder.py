@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.checkpoint import checkpoint
 
+from .attention import attention
 from .config import ECGEncoderConfig
 
 
@@ -93,10 +94,11 @@ class ConvPositionalEncoding(nn.Module):
 class SelfAttention(nn.Module):
     """fairseq MultiHeadAttention layout: separate q/k/v/out Linear layers with bias."""
 
-    def __init__(self, width: int, num_heads: int, dropout: float):
+    def __init__(self, width: int, num_heads: int, dropout: float, recompute: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
+        self.recompute = recompute  # melp_scale.model.attention: CPU dropout path keeps no N x N
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
         for projection in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.xavier_uniform_(projection.weight, gain=1 / math.sqrt(2))
@@ -107,7 +109,7 @@ class SelfAttention(nn.Module):
         batch, length, width = x.shape
         q, k, v = (proj(x).view(batch, length, self.num_heads, -1).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, h, N, d)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, self.dropout if self.training else 0.0, recompute=self.recompute)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -116,7 +118,8 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, config: ECGEncoderConfig):
         super().__init__()
-        self.self_attn = SelfAttention(config.width, config.num_heads, config.attention_dropout)
+        self.self_attn = SelfAttention(config.width, config.num_heads, config.attention_dropout,
+                                       config.attention_recompute)
         self.self_attn_layer_norm = nn.LayerNorm(config.width)
         self.fc1 = nn.Linear(config.width, config.ffn_dim)
         self.fc2 = nn.Linear(config.ffn_dim, config.width)

@@ -72,16 +72,18 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Lever name -> model config fields it sets ("section.field": value; "run.compile" is
 # melp.compile_parts, "optim.fused" torch.optim.AdamW(fused=...), as the trainer's settings of
-# those names). Each leaves the loss unchanged to fp32 rounding (tests/test_levers.py). "eager"
-# is the straightforward step: no lever, torch's default (per-parameter loop) AdamW; "all" is
-# every lever at once. Frozen text layers need no lever: autograd keeps nothing for them when
-# nothing below them trains (tests/test_levers.py), and SDPA is the only attention path of the
-# ECG encoder and the decoder.
+# those names; "env.NAME" an environment variable of the run's process; "precision.autocast"
+# the CPU step under bf16 autocast). Each fp32 lever leaves the loss unchanged to fp32 rounding
+# (tests/test_levers.py). "eager" is the straightforward step: no lever, torch's default
+# (per-parameter loop) AdamW, SDPA attention, the direct positional convolution; "all" is every
+# fp32 lever at once. Frozen text layers need no lever: autograd keeps nothing for them when
+# nothing below them trains (tests/test_levers.py).
 LEVERS: dict[str, dict[str, object]] = {
     "eager": {},
     "fused_adamw": {"optim.fused": True},
     "fused_ce": {"decoder.vocab_chunk": 1024},
     "lean_attention": {"ecg.attention_recompute": True},
+    "fft_pos_conv": {"ecg.pos_conv_fft": True},
     "checkpoint": {"ecg.checkpoint_layers": True, "text.checkpoint_layers": True,
                    "decoder.checkpoint_layers": True},
     "compile": {"run.compile": True},
@@ -93,7 +95,8 @@ LEVERS["all"] = {k: v for fields in LEVERS.values() for k, v in fields.items()}
 # Not fp32, so outside "all" and the loss-unchanged rule: fp32 weights and AdamW with the
 # forward under bf16 autocast (on this CPU, AMX). A reference point for what the hardware does
 # beyond fp32; on GPUs every lever already runs under bf16 autocast.
-LEVERS["bf16_autocast"] = {"precision.autocast": "bfloat16", **LEVERS["fused_adamw"], **LEVERS["fused_ce"]}
+LEVERS["bf16_autocast"] = {"precision.autocast": "bfloat16", **LEVERS["fused_adamw"], **LEVERS["fused_ce"],
+                           **LEVERS["fft_pos_conv"]}
 LEVERS["fused_ce+checkpoint"] = {**LEVERS["fused_ce"], **LEVERS["checkpoint"]}
 LEVERS["fused_adamw+fused_ce"] = {**LEVERS["fused_adamw"], **LEVERS["fused_ce"]}
 LEVERS["fused_adamw+fused_ce+checkpoint"] = {**LEVERS["fused_adamw+fused_ce"], **LEVERS["checkpoint"]}
@@ -102,6 +105,9 @@ LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint"] = {
     **LEVERS["fused_adamw+fused_ce+lean_attention"], **LEVERS["checkpoint"]}
 LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint+release_memory"] = {
     **LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint"], **LEVERS["release_memory"]}
+# the fastest fp32 step, and the same with the memory levers
+LEVERS["fast"] = {**LEVERS["fused_adamw+fused_ce+lean_attention"], **LEVERS["fft_pos_conv"]}
+LEVERS["fast+checkpoint+release_memory"] = {**LEVERS["fast"], **LEVERS["checkpoint"], **LEVERS["release_memory"]}
 LEVERS["bf16_autocast+checkpoint+release_memory"] = {
     **LEVERS["bf16_autocast"], **LEVERS["checkpoint"], **LEVERS["release_memory"]}
 
@@ -601,8 +607,10 @@ def main() -> None:
                    "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
                    "peak": {"device": peak_name, "bf16_flops": peak},
                    "profiles": profiles, "lever_profiles": lever_profiles, "floor": floors,
-                   "rows": rows, "runs": runs,
-                   "largest_batch": fits}, handle, indent=1)
+                   "rows": rows, "runs": runs, "largest_batch": fits,
+                   "lever_settings": {name: LEVERS[name] for name in
+                                      dict.fromkeys([*args.levers, *args.profile_levers, "eager"])}},
+                  handle, indent=1)
     good = {p: v for p, v in profiles.items() if "error" not in v}
     if good:
         plot(good, path.replace(".json", ".png"))

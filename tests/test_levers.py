@@ -33,6 +33,7 @@ REPORTS = ["sinus rhythm. normal ecg.",
            "low qrs voltages. sinus bradycardia."]
 LEVERS = {"fused_ce": {"decoder": {"vocab_chunk": 7}},
           "attention_recompute": {"ecg": {"attention_recompute": True}},
+          "pos_conv_fft": {"ecg": {"pos_conv_fft": True}},
           "checkpoint": {"ecg": {"checkpoint_layers": True}, "text": {"checkpoint_layers": True},
                          "decoder": {"checkpoint_layers": True}}}
 
@@ -333,21 +334,57 @@ def _zero2_worker(rank: int, port: int, folder: str) -> None:
         json.dump(result, handle)
 
 
-def test_fused_adamw_under_zero2_matches_the_loop(tmp_path):
-    """DeepSpeed ZeRO-2 (2 gloo ranks) steps its flat fp32 partitions with the fused kernel to
-    the parameters the per-parameter AdamW reaches."""
-    pytest.importorskip("deepspeed")
+def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
+    """Two ZeRO-2 engines in turn (eager, then ``run.compile``'s compile_parts) on the same small
+    MELP, data, seeds and dropout masks: two steps each, losses and updated parameters."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import deepspeed
+
+    from melp_scale.model.melp import compile_parts
+    from melp_scale.train.engine import build_optimizer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    result = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MELP(small_config())
+        if compiled:
+            compile_parts(model, backend="aot_eager")  # graph capture + AOT autograd, no C++ build
+        ds = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.2}}}
+        optimizer = build_optimizer(model, ds, fused=False)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+            "train_micro_batch_size_per_gpu": 3, "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 2}})
+        assert engine.zero_optimization_stage() == 2
+        batch = model.tokenizer.batch(REPORTS[rank:] + REPORTS[:rank])
+        batch["ecg"] = torch.rand(3, 12, 400, generator=torch.Generator().manual_seed(100 + rank))
+        losses = []
+        for step in range(2):
+            torch.manual_seed(1000 * step + rank)  # the same dropout masks in both engines
+            loss = engine(batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        result[str(compiled)] = {"losses": losses, "params": {
+            name: p.detach().flatten()[:64].tolist() for name, p in model.named_parameters()
+            if p.requires_grad}}
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+def _two_ranks(target, folder: str) -> None:
+    """Run ``target(rank, port, folder)`` on 2 spawned ranks; remove their shared-memory buffers."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_zero2_worker, args=(rank, port, str(tmp_path)))
-               for rank in range(2)]
+    workers = [context.Process(target=target, args=(rank, port, folder)) for rank in range(2)]
     try:
         for worker in workers:
             worker.start()
         for worker in workers:
-            worker.join(timeout=240)
+            worker.join(timeout=300)
             if worker.is_alive():
                 worker.kill()
     finally:  # DeepSpeed's CPU all-reduce leaves a 66 MB shared-memory buffer per rank behind
@@ -356,6 +393,30 @@ def test_fused_adamw_under_zero2_matches_the_loop(tmp_path):
             if os.path.exists(leftover):
                 os.remove(leftover)
     assert [w.exitcode for w in workers] == [0, 0]
+
+
+def test_run_compile_under_zero2_matches_eager(tmp_path):
+    """run.compile with DeepSpeed ZeRO-2 on 2 gloo ranks: the compiled parts give the eager
+    engine's losses and, after two clipped AdamW steps on partitioned gradients, its parameters."""
+    pytest.importorskip("deepspeed")
+    _two_ranks(_zero2_compile_worker, str(tmp_path))
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        eager, compiled = result["False"], result["True"]
+        torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]),
+                                   rtol=1e-5, atol=1e-6)
+        assert eager["losses"][1] != eager["losses"][0]  # the first step changed the model
+        assert compiled["params"].keys() == eager["params"].keys()
+        for name, values in eager["params"].items():
+            torch.testing.assert_close(torch.tensor(compiled["params"][name]), torch.tensor(values),
+                                       rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+
+
+def test_fused_adamw_under_zero2_matches_the_loop(tmp_path):
+    """DeepSpeed ZeRO-2 (2 gloo ranks) steps its flat fp32 partitions with the fused kernel to
+    the parameters the per-parameter AdamW reaches."""
+    pytest.importorskip("deepspeed")
+    _two_ranks(_zero2_worker, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for result in ranks:
         for loop, fused in zip(result["False"], result["True"]):

@@ -50,6 +50,9 @@ class ECGEncoderConfig:
     """Groups of the convolutional positional encoding."""
     checkpoint_layers: bool = False
     """Activation checkpointing per Transformer layer: recompute in the backward, keep less."""
+    pos_conv_fft: bool = False
+    """Compute the positional convolution through the FFT: the same convolution to fp32
+    rounding, 0.6 instead of 23.6 GFLOP forward at the paper sizes (kernel 128, batch 8)."""
     attention_recompute: bool = False
     """CPU training with attention dropout: keep the dropout mask (1 byte per weight) and
     recompute the attention weights in the backward, instead of the three float (heads x N x N)

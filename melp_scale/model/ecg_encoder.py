@@ -72,20 +72,58 @@ class ConvFeatureExtractor(nn.Module):
         return ecg
 
 
+def fft_grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       padding: int, groups: int) -> torch.Tensor:
+    """``F.conv1d(x, weight, bias, padding=padding, groups=groups)`` through the FFT.
+
+    A cross-correlation is a product of spectra (the input's times the kernel's conjugate), and
+    the channel mixing of each group is, per frequency, a (out x in) complex matrix product. For
+    the paper's positional convolution (kernel 128, 16 groups of 48 channels, 312 tokens) that
+    is 0.6 GFLOP forward at batch 8 instead of the direct 23.6. The transform length is the
+    padded input's (no wrap-around), rounded up to a multiple of 32. Computed in fp32 (fp64
+    stays fp64), outside autocast; autograd differentiates it as it is.
+    """
+    batch, _, length = x.shape
+    out_channels, group_in, kernel = weight.shape
+    out_len = length + 2 * padding - kernel + 1
+    size = -(-(length + 2 * padding) // 32) * 32
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        spectrum = torch.fft.rfft(F.pad(x.to(dtype), (padding, padding)), n=size)  # (B, C, F)
+        kernel_spectrum = torch.fft.rfft(weight.to(dtype), n=size).conj()  # (O, C/g, F)
+        bins = spectrum.shape[-1]
+        spectrum = spectrum.view(batch, groups, group_in, bins).permute(1, 3, 2, 0)  # (g, F, C/g, B)
+        kernel_spectrum = kernel_spectrum.view(groups, out_channels // groups, group_in, bins
+                                               ).permute(0, 3, 1, 2)  # (g, F, O/g, C/g)
+        mixed = torch.matmul(kernel_spectrum, spectrum)  # (g, F, O/g, B)
+        mixed = mixed.permute(3, 0, 2, 1).reshape(batch, out_channels, bins)
+        out = torch.fft.irfft(mixed, n=size)[..., :out_len]
+        if bias is not None:
+            out = out + bias.to(dtype)[:, None]
+    return out.to(x.dtype)
+
+
 class ConvPositionalEncoding(nn.Module):
     """Grouped Conv1d over the tokens, weight-normalised over dims (0, 1) (one norm per kernel
-    position), SamePad (an even kernel drops the last step), GELU; added to the tokens."""
+    position), SamePad (an even kernel drops the last step), GELU; added to the tokens.
+    ``fft``: the same convolution through :func:`fft_grouped_conv1d`."""
 
-    def __init__(self, width: int, kernel_size: int, groups: int):
+    def __init__(self, width: int, kernel_size: int, groups: int, fft: bool = False):
         super().__init__()
         conv = nn.Conv1d(width, width, kernel_size, padding=kernel_size // 2, groups=groups)
         nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel_size * width)))
         nn.init.zeros_(conv.bias)
         self.conv = weight_norm(conv, name="weight", dim=2)
         self.trim = 1 if kernel_size % 2 == 0 else 0
+        self.fft = fft
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.conv(tokens.transpose(1, 2))  # (B, D, N + trim)
+        if self.fft:
+            conv = self.conv
+            x = fft_grouped_conv1d(tokens.transpose(1, 2), conv.weight, conv.bias,
+                                   conv.padding[0], conv.groups)
+        else:
+            x = self.conv(tokens.transpose(1, 2))  # (B, D, N + trim)
         if self.trim:
             x = x[:, :, :-self.trim]
         return tokens + F.gelu(x).transpose(1, 2)  # (B, N, D)
@@ -144,7 +182,8 @@ class ECGEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(config.conv_channels)
         self.post_extract_proj = nn.Linear(config.conv_channels, config.width)
         self.input_dropout = nn.Dropout(config.dropout)
-        self.pos_conv = ConvPositionalEncoding(config.width, config.pos_conv_kernel, config.pos_conv_groups)
+        self.pos_conv = ConvPositionalEncoding(config.width, config.pos_conv_kernel, config.pos_conv_groups,
+                                               config.pos_conv_fft)
         self.encoder_norm = nn.LayerNorm(config.width)
         self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_layers)])
 

@@ -332,6 +332,8 @@ def _zero2_worker(rank: int, port: int, folder: str) -> None:
         result[str(fused)] = [p.detach().flatten().tolist() for p in model.parameters()]
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo's threads stopped before the process exits
 
 
 def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
@@ -371,6 +373,8 @@ def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
             if p.requires_grad}}
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # gloo's threads stopped before the process exits
 
 
 def _two_ranks(target, folder: str) -> None:

@@ -14,10 +14,7 @@ import torch.nn.functional as F
 
 from melp_scale.model import attention as attention_module
 from melp_scale.model.attention import RecomputedAttention, attention
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from tests.kernel_utils import relative_error
 
 
 def inputs(batch: int, heads: int, length: int, dim: int, dtype=torch.float32):
@@ -50,13 +47,13 @@ def test_matches_float64_reference_with_the_same_mask(poisoned, monkeypatch, sha
     keep = torch.empty(shape[:3] + (shape[2],), dtype=torch.bool).bernoulli_(1.0 - p)
     assert 0.4 < keep.float().mean().item() < 0.95  # the mask really drops weights
     ref = reference(q, k, v, keep, p)
-    assert rel(out, ref) < 1e-5
+    assert relative_error(out, ref) < 1e-5
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q, k, v), grad.double())
     for name, g, w in zip("qkv", got, want):
         assert torch.isfinite(g).all(), name
-        assert rel(g, w) < 1e-5, (name, rel(g, w))
+        assert relative_error(g, w) < 1e-5, (name, relative_error(g, w))
 
 
 def test_same_loss_and_gradients_as_sdpa_dropout_path():
@@ -69,9 +66,9 @@ def test_same_loss_and_gradients_as_sdpa_dropout_path():
         out = attention(q, k, v, 0.2, recompute=recompute)
         results.append((out, torch.autograd.grad(out, (q, k, v), grad)))
     (sdpa, sdpa_grads), (mine, mine_grads) = results
-    assert rel(mine, sdpa) < 1e-5
+    assert relative_error(mine, sdpa) < 1e-5
     for g, w in zip(mine_grads, sdpa_grads):
-        assert rel(g, w) < 1e-5
+        assert relative_error(g, w) < 1e-5
 
 
 def test_keeps_no_float_square_tensor():

@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from melp_scale.model.ecg_encoder import ConvPositionalEncoding, fft_grouped_conv1d
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from tests.kernel_utils import relative_error
 
 
 @pytest.mark.parametrize("batch,channels,length,kernel,groups", [
@@ -32,10 +29,10 @@ def test_matches_float64_conv1d(batch, channels, length, kernel, groups):
     ours_in = [t.float().requires_grad_() for t in (x, weight, bias)]
     out = fft_grouped_conv1d(*ours_in, padding=kernel // 2, groups=groups)
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    assert rel(out, ref) < 1e-5
+    assert relative_error(out, ref) < 1e-5
     got = torch.autograd.grad(out, ours_in, grad.float())
     for name, g, w in zip(("x", "weight", "bias"), got, want):
-        assert rel(g, w) < 1e-5, (name, rel(g, w))
+        assert relative_error(g, w) < 1e-5, (name, relative_error(g, w))
 
 
 def test_positional_encoding_module_same_with_fft():
@@ -46,8 +43,8 @@ def test_positional_encoding_module_same_with_fft():
     fft.load_state_dict(plain.state_dict())
     tokens = torch.randn(3, 23, 32)
     outs = [module(tokens) for module in (plain, fft)]
-    assert rel(outs[1], outs[0]) < 1e-5
+    assert relative_error(outs[1], outs[0]) < 1e-5
     grads = [torch.autograd.grad(out.square().sum(), list(module.parameters()))
              for out, module in zip(outs, (plain, fft))]
     for g, w in zip(grads[1], grads[0]):
-        assert rel(g, w) < 1e-5
+        assert relative_error(g, w) < 1e-5

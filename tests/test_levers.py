@@ -12,7 +12,6 @@ import copy
 import json
 import multiprocessing
 import os
-import socket
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from melp_scale.model.config import (
 )
 from melp_scale.model.fused_ce import chunked_linear_cross_entropy
 from melp_scale.train.loop import shm_buffer_path
+from tests.kernel_utils import free_port
 
 REPORTS = ["sinus rhythm. normal ecg.",
            "atrial fibrillation with rapid ventricular response. left axis deviation.",
@@ -379,9 +379,7 @@ def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
 
 def _two_ranks(target, folder: str) -> None:
     """Run ``target(rank, port, folder)`` on 2 spawned ranks; remove their shared-memory buffers."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=target, args=(rank, port, folder)) for rank in range(2)]
     try:

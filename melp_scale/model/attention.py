@@ -86,8 +86,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     """Scaled dot-product self-attention (no mask) of (B, heads, N, d) tensors.
 
     ``recompute`` takes :class:`RecomputedAttention` where it saves memory: dropout on, a
-    gradient needed, a CPU fp32/fp64 tensor. Anywhere else (no dropout: SDPA's fused CPU kernel keeps no
-    N x N tensor either; CUDA: its fused kernels handle dropout) it is SDPA.
+    gradient needed, a CPU fp32/fp64 tensor. Anywhere else it is SDPA (no dropout: SDPA's fused
+    CPU kernel keeps no N x N tensor either; CUDA: its fused kernels handle dropout).
     """
     if (recompute and dropout_p > 0.0 and q.device.type == "cpu" and torch.is_grad_enabled()
             and q.dtype in (torch.float32, torch.float64) and any(t.requires_grad for t in (q, k, v))):

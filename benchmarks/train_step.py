@@ -325,6 +325,23 @@ def gemm_rate(device: torch.device, size: int = 2048, repeats: int = 8) -> float
     return 2 * size ** 3 * repeats / (time.perf_counter() - start)
 
 
+def stop_over_budget(record: dict, budget_gb: float, every_s: float = 0.2) -> None:
+    """CPU fit probe: end this process as soon as its high-water mark passes ``budget_gb``
+    (printing the result with ``over_budget``) instead of finishing steps that cannot fit."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+            if peak_gb > budget_gb:
+                print("RESULT " + json.dumps({**record, "peak_memory_gb": peak_gb,
+                                              "over_budget": True}), flush=True)
+                os._exit(0)
+            time.sleep(every_s)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def worker(args: argparse.Namespace) -> None:
     """One preset x lever in this process; prints one JSON line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -346,6 +363,8 @@ def worker(args: argparse.Namespace) -> None:
         if args.lever == "eager" and device.type == "cpu":
             record["dropout_mask_melem_per_s"] = dropout_mask_rates()
     elif args.fit:  # does this batch fit? two steps: AdamW's moments exist from the first
+        if args.budget_gb and device.type == "cpu":
+            stop_over_budget(record, args.budget_gb)
         record |= time_steps(model, batch, 1, device, optimizer, warmup=1, cpu_autocast=autocast)
     else:
         record |= time_steps(model, batch, args.steps, device, optimizer, warmup=args.warmup,
@@ -356,11 +375,12 @@ def worker(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------ the orchestrator
 def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool = False,
                fit: bool = False, threads: int | None = None, warmup: int = 2,
-               timeout: float | None = None) -> dict:
+               timeout: float | None = None, budget_gb: float | None = None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset,
                "--lever", lever, "--batch", str(batch), "--steps", str(steps),
                "--warmup", str(warmup)]
     command += ["--profile"] * profile + ["--fit"] * fit + (["--threads", str(threads)] if threads else [])
+    command += ["--budget-gb", str(budget_gb)] if budget_gb else []
     env = {**os.environ, **{k[len("env."):]: v for k, v in LEVERS[lever].items() if k.startswith("env.")}}
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout,
@@ -377,16 +397,30 @@ def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool = 
 
 
 def largest_batch(preset: str, lever: str, budget_gb: float, limit: int = 1024,
-                  threads: int | None = None) -> dict:
-    """The largest power-of-two micro-batch whose two-step peak memory stays within
-    ``budget_gb`` (CPU: the process high-water mark; GPU: allocated memory, an OOM = no fit)."""
-    batch, fits = 1, None
+                  threads: int | None = None, timeout: float | None = None) -> dict:
+    """The largest power-of-two micro-batch whose peak memory over two steps (the second has
+    AdamW's moments) stays within ``budget_gb``: CPU, the process high-water mark (a probe ends
+    as soon as it passes the budget); GPU, allocated memory (an out-of-memory error = no fit).
+    ``next`` is the first batch that did not fit, with the memory it reached or its error."""
+    batch, fits, refused, probes = 1, None, None, []
     while batch <= limit:
-        run = run_worker(preset, lever, batch, 1, fit=True, threads=threads)
+        start = time.perf_counter()
+        run = run_worker(preset, lever, batch, 1, fit=True, threads=threads, timeout=timeout,
+                         budget_gb=budget_gb)
+        probe = {"batch": batch, "seconds": round(time.perf_counter() - start, 1)}
+        if "error" in run:
+            probe["error"] = run["error"][-300:]
+        else:
+            probe["peak_memory_gb"] = run["peak_memory_gb"]
+        probes.append(probe)
+        print(f"      batch {batch}: " + (f"{probe['peak_memory_gb']:.2f} GB" if "peak_memory_gb" in probe
+                                          else "failed") + f" ({probe['seconds']:.0f} s)", flush=True)
         if "error" in run or run["peak_memory_gb"] > budget_gb:
+            refused = probe
             break
         fits, batch = {"batch": batch, "peak_memory_gb": run["peak_memory_gb"]}, batch * 2
-    return {"preset": preset, "lever": lever, "budget_gb": budget_gb, "largest": fits}
+    return {"preset": preset, "lever": lever, "budget_gb": budget_gb, "largest": fits,
+            "next": refused, "probes": probes}
 
 
 def busy(run: dict) -> bool:
@@ -526,6 +560,43 @@ def plot(profiles: dict, path: str) -> None:
     plt.close(fig)
 
 
+def find_largest(preset: str, args: argparse.Namespace) -> list[dict]:
+    fits = []
+    for lever in args.levers:
+        print(f"   largest micro-batch within {args.fit_gb} GB: {lever}", flush=True)
+        fits.append(largest_batch(preset, lever, args.fit_gb, threads=args.threads,
+                                  timeout=args.timeout))
+    return fits
+
+
+def print_fits(fits: list[dict]) -> None:
+    for fit in fits:
+        largest, refused = fit["largest"], fit["next"]
+        line = (f"largest micro-batch within {fit['budget_gb']} GB, {fit['lever']}: "
+                + (f"{largest['batch']} ({largest['peak_memory_gb']:.2f} GB)" if largest else "none"))
+        if refused:
+            line += (f"; {refused['batch']}: {refused['peak_memory_gb']:.2f} GB or more"
+                     if "peak_memory_gb" in refused else f"; {refused['batch']}: failed")
+        print(line)
+
+
+def fit_only(args: argparse.Namespace) -> None:
+    """``--fit-only``: each lever's largest micro-batch within ``--fit-gb``, nothing else."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fits = [fit for preset in args.presets for fit in find_largest(preset, args)]
+    print(f"\ndevice {device}, {args.threads or torch.get_num_threads()} thread(s), two steps per probe")
+    print_fits(fits)
+    out = RESULTS if args.record else (args.out or tempfile.mkdtemp(prefix="train_step-"))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"train_step_fit-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as handle:
+        json.dump({"benchmark": "train_step_fit", "environment": environment(device),
+                   "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
+                   "largest_batch": fits,
+                   "lever_settings": {name: LEVERS[name] for name in args.levers}}, handle, indent=1)
+    print(f"wrote {path}" + ("" if args.record else "  (temporary; --record keeps it)"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["demo", "paper"])
@@ -543,6 +614,8 @@ def main() -> None:
     parser.add_argument("--fit-gb", type=float, default=None,
                         help="also find each lever's largest micro-batch within this memory budget "
                              "(GPU: 80 is an 80 GB card; CPU: a RAM budget)")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="with --fit-gb: only the largest micro-batches (no profile, no timing)")
     parser.add_argument("--profile-levers", nargs="+", default=["eager"], choices=sorted(LEVERS),
                         help="levers profiled for the per-op floor analysis (eager is always first)")
     parser.add_argument("--fit", action="store_true", help=argparse.SUPPRESS)
@@ -550,9 +623,14 @@ def main() -> None:
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--lever", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--budget-gb", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.fit_only:
+        if not args.fit_gb:
+            parser.error("--fit-only needs --fit-gb")
+        return fit_only(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (64 if device.type == "cuda" else 8)
     peak_name, peak = peak_bf16_flops(device)
@@ -571,9 +649,7 @@ def main() -> None:
                 runs.append(run_worker(preset, lever, batch, args.steps, threads=args.threads,
                                        warmup=args.warmup, timeout=args.timeout))
         if args.fit_gb:
-            for lever in args.levers:
-                print(f"   largest micro-batch within {args.fit_gb} GB: {lever}", flush=True)
-                fits.append(largest_batch(preset, lever, args.fit_gb, threads=args.threads))
+            fits += find_largest(preset, args)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\ndevice {device} ({name}), batch {batch}, {args.steps} steps x {args.rounds} rounds, "
           f"{args.threads or torch.get_num_threads()} thread(s), "
@@ -590,10 +666,7 @@ def main() -> None:
         print_levers(preset_rows)
         floors[preset] = floor_analysis(lever_profiles[preset], preset_rows)
         print_floor(floors[preset])
-        for fit in (f for f in fits if f["preset"] == preset):
-            largest = fit["largest"]
-            print(f"largest micro-batch within {fit['budget_gb']} GB, {fit['lever']}: "
-                  + (f"{largest['batch']} ({largest['peak_memory_gb']:.2f} GB)" if largest else "none"))
+        print_fits([f for f in fits if f["preset"] == preset])
         rows += preset_rows
     if any(r.get("busy_runs") for r in rows):
         print("\nWARNING: the machine was busy during some runs (load above the cores or CPU time "

@@ -220,11 +220,13 @@ def main() -> None:
     import torch
 
     from benchmarks.harness import environment
-    from benchmarks.train_step import LEVERS, REPORTS, run_worker
+    from benchmarks.train_step import REPORTS, run_worker, settings
 
-    unknown = [lever for lever in args.levers if lever not in LEVERS]
-    if unknown:
-        parser.error(f"--levers {unknown}: choose from {sorted(LEVERS)}")
+    for lever in args.levers:
+        try:
+            settings(lever)
+        except ValueError as error:
+            parser.error(f"--levers: {error}")
     sides = ["official", *[f"ours:{lever}" for lever in args.levers]]
     runs = []
     for round_index in range(args.rounds):

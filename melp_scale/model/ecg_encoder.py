@@ -72,6 +72,75 @@ class ConvFeatureExtractor(nn.Module):
         return ecg
 
 
+def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised output buffer (every element is written; tests poison it)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _fft_size(padded: int) -> int:
+    """Transform length: the padded input's (no wrap-around), rounded up to a multiple of 32."""
+    return -(-padded // 32) * 32
+
+
+class FFTGroupedConv1d(torch.autograd.Function):
+    """Grouped cross-correlation through the FFT, one group at a time, with its own backward.
+
+    y[b, o, t] = Σ_c Σ_k w[o, c, k] · xp[b, c, t + k]   (xp: x zero-padded on both sides)
+    In the frequency domain (transform length n ≥ the padded length, so nothing wraps around):
+      Y[b, o] = Σ_c conj(W[o, c]) · X[b, c]                         y = irfft(Y)[:out_len]
+      ∂xp: a full convolution of ∂y with w,  FFT: Σ_o W[o, c] · ∂Y[b, o]          (then cropped)
+      ∂w:  a correlation of xp with ∂y,      FFT: Σ_b conj(∂Y[b, o]) · X[b, c]    (first k taps)
+    It saves only x and w and recomputes their spectra in the backward; the kernel's spectrum
+    (out x in/g x n/2+1 complex, 3.5x the kernel's size at the paper sizes) exists for one group
+    at a time, so the step's peak carries no full spectrum beside the gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
+        batch, _, length = x.shape
+        out_channels, group_in, kernel = weight.shape
+        out_len = length + 2 * padding - kernel + 1
+        size = _fft_size(length + 2 * padding)
+        spectrum = torch.fft.rfft(F.pad(x, (padding, padding)), n=size)  # (B, C, F)
+        out = _buffer((batch, out_channels, out_len), x)
+        per_group = out_channels // groups
+        for g in range(groups):
+            outs, ins = slice(g * per_group, (g + 1) * per_group), slice(g * group_in, (g + 1) * group_in)
+            kernel_spectrum = torch.fft.rfft(weight[outs], n=size).conj_physical_()  # (O/g, C/g, F)
+            # per frequency: (O/g x C/g) @ (C/g x B)
+            mixed = torch.matmul(kernel_spectrum.permute(2, 0, 1), spectrum[:, ins].permute(2, 1, 0))
+            out[:, outs] = torch.fft.irfft(mixed.permute(2, 1, 0), n=size)[..., :out_len]
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.groups = padding, groups
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        padding, groups = ctx.padding, ctx.groups
+        length, kernel = x.shape[-1], weight.shape[-1]
+        size = _fft_size(length + 2 * padding)
+        out_channels, group_in = weight.shape[:2]
+        per_group = out_channels // groups
+        grad_spectrum = torch.fft.rfft(grad_out, n=size)  # (B, O, F)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        spectrum = torch.fft.rfft(F.pad(x, (padding, padding)), n=size) if need_w else None
+        grad_x = _buffer(x.shape, x) if need_x else None
+        grad_w = _buffer(weight.shape, weight) if need_w else None
+        for g in range(groups):
+            outs, ins = slice(g * per_group, (g + 1) * per_group), slice(g * group_in, (g + 1) * group_in)
+            grad_g = grad_spectrum[:, outs].permute(2, 1, 0)  # (F, O/g, B)
+            if need_x:
+                kernel_spectrum = torch.fft.rfft(weight[outs], n=size)  # (O/g, C/g, F)
+                mixed = torch.matmul(kernel_spectrum.permute(2, 1, 0), grad_g)  # (F, C/g, B)
+                full = torch.fft.irfft(mixed.permute(2, 1, 0), n=size)  # (B, C/g, n): ∂xp
+                grad_x[:, ins] = full[..., padding:padding + length]
+            if need_w:
+                mixed = torch.matmul(grad_g.conj(), spectrum[:, ins].permute(2, 0, 1))  # (F, O/g, C/g)
+                grad_w[outs] = torch.fft.irfft(mixed.permute(1, 2, 0), n=size)[..., :kernel]
+        return grad_x, grad_w, None, None
+
+
 def fft_grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        padding: int, groups: int) -> torch.Tensor:
     """``F.conv1d(x, weight, bias, padding=padding, groups=groups)`` through the FFT.
@@ -79,25 +148,17 @@ def fft_grouped_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     A cross-correlation is a product of spectra (the input's times the kernel's conjugate), and
     the channel mixing of each group is, per frequency, a (out x in) complex matrix product. For
     the paper's positional convolution (kernel 128, 16 groups of 48 channels, 312 tokens) that
-    is 0.6 GFLOP forward at batch 8 instead of the direct 23.6. The transform length is the
-    padded input's (no wrap-around), rounded up to a multiple of 32. Computed in fp32 (fp64
-    stays fp64), outside autocast; autograd differentiates it as it is.
+    is 0.6 GFLOP forward at batch 8 instead of the direct 23.6. :class:`FFTGroupedConv1d` does
+    it a group at a time and keeps only x and the weight for the backward. Computed in fp32
+    (fp64 stays fp64), outside autocast.
     """
-    batch, _, length = x.shape
-    out_channels, group_in, kernel = weight.shape
-    out_len = length + 2 * padding - kernel + 1
-    size = -(-(length + 2 * padding) // 32) * 32
+    if x.dim() != 3 or weight.dim() != 3 or x.shape[1] != weight.shape[1] * groups \
+            or weight.shape[0] % groups:
+        raise ValueError(f"fft_grouped_conv1d: x {tuple(x.shape)} and weight {tuple(weight.shape)} "
+                         f"do not make a conv1d with {groups} groups")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.autocast(x.device.type, enabled=False):
-        spectrum = torch.fft.rfft(F.pad(x.to(dtype), (padding, padding)), n=size)  # (B, C, F)
-        kernel_spectrum = torch.fft.rfft(weight.to(dtype), n=size).conj()  # (O, C/g, F)
-        bins = spectrum.shape[-1]
-        spectrum = spectrum.view(batch, groups, group_in, bins).permute(1, 3, 2, 0)  # (g, F, C/g, B)
-        kernel_spectrum = kernel_spectrum.view(groups, out_channels // groups, group_in, bins
-                                               ).permute(0, 3, 1, 2)  # (g, F, O/g, C/g)
-        mixed = torch.matmul(kernel_spectrum, spectrum)  # (g, F, O/g, B)
-        mixed = mixed.permute(3, 0, 2, 1).reshape(batch, out_channels, bins)
-        out = torch.fft.irfft(mixed, n=size)[..., :out_len]
+        out = FFTGroupedConv1d.apply(x.to(dtype), weight.to(dtype), padding, groups)
         if bias is not None:
             out = out + bias.to(dtype)[:, None]
     return out.to(x.dtype)

@@ -1,6 +1,6 @@
 """Fused Triton ops of melp-scale with their PyTorch references (``kernels.reference``).
 
-Public ops (see ``shared/design/ARCHITECTURE.md``, "The kernel contract"):
+Public ops (each specified by the function of the same name in ``kernels.reference``):
 
     attention_pool(queries, keys, values, num_heads, key_padding_mask=None, impl="auto")
     local_contrastive_loss(beats, sentences, sentence_counts, t1=4.0, t2=5.0, t3=10.0, impl="auto")

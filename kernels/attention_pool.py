@@ -1,7 +1,7 @@
 """Multi-head attention pooling of few queries over a sample's keys: Triton forward and backward.
 
-Math (KERNELS.md §3), per sample b and head h, d = D / heads, queries q (Q × d) shared by the
-batch or per sample, keys K and values V (N × d):
+Math: per sample b and head h, d = D / heads, queries q (Q × d) shared by the batch or per
+sample, keys K and values V (N × d):
 
     S = q·Kᵀ/√d (padded keys → −∞)    P = softmax over keys    O = P·V    lse = log Σ_n exp(S_n)
     Δ = rowsum(dO ∘ O);  dP = dO·Vᵀ;  dS = P ∘ (dP − Δ)

@@ -1,6 +1,6 @@
 """Fused, tiled symmetric InfoNCE (the rhythm-level CLIP loss): Triton forward and backward.
 
-Math (KERNELS.md §1), x_i, t_j ∈ R^D L2-normalised, s = exp(logit_scale), S_ij = s·⟨x_i, t_j⟩:
+Math: x_i, t_j ∈ R^D L2-normalised, s = exp(logit_scale), S_ij = s·⟨x_i, t_j⟩:
 
     rowLSE_i = log Σ_j exp(S_ij)      colLSE_j = log Σ_i exp(S_ij)
     L = 1/(2N) · Σ_i [ (rowLSE_i − S_ii) + (colLSE_i − S_ii) ]       (a sum of per-row terms ≥ 0)

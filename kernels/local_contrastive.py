@@ -1,6 +1,6 @@
-"""Fused local beat-sentence contrastive loss (METHOD.md §3 "Local"): Triton forward and backward.
+"""Fused local beat-sentence contrastive loss of the MELP paper: Triton forward and backward.
 
-Math (KERNELS.md §2), text i with sentences s_k (k < S_i), ECG j with beats b_q (q < Qb):
+Math: text i with sentences s_k (k < S_i), ECG j with beats b_q (q < Qb):
 
     A_qk = ⟨b_q, s_k⟩             a_qk = softmax_k(A_qk)          α_kq = softmax_q(τ1·a_qk)
     c_k  = Σ_q α_kq b_q           cos_k = ⟨s_k, c_k⟩ / (max(‖s_k‖, ε)·max(‖c_k‖, ε)),  ε = 1e-8
@@ -424,7 +424,7 @@ def local_contrastive_loss(
     impl: Impl = "auto",
     positive_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """METHOD.md §3 local loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j); 0-d float32.
+    """The MELP paper's local loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j); 0-d float32.
 
     ``positive_ids`` (B,) int (e.g. report hashes): multi-positive soft targets on M, uniform
     over the kept pairs with the same id, both directions (``reference.local_loss_from_similarity``;

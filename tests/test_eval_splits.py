@@ -205,7 +205,9 @@ def test_ptbxl_sub_layout_without_underscores_on_shards(tmp_path):
 
 # ----------------------------------------------------------------------------- CSN codes
 
-SCORING = "/work/shared/data/challenge/scoring-tables/evaluation-2021"
+SCORING = os.path.join(
+    os.environ.get("MELP_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")),
+    "challenge", "scoring-tables", "evaluation-2021")
 # CSN acronym -> the Challenge 2021 diagnosis name of its (first) SNOMED code, by hand from the
 # Chapman-Shaoxing-Ningbo condition table (acronym, full name, SNOMED CT).
 CSN_NAMES = {

@@ -5,7 +5,7 @@ from 0 to S_max (at least one text without sentences, at least two with), B not 
 two, fp32 and fp16. Loss and the gradients of beats and sentences, under a grad_output != 1,
 are compared by relative error ||out − ref|| / ||ref|| with autograd through
 ``kernels.reference`` in float64 on the same (rounded) inputs, and with an explicit per-pair
-loop written here from METHOD.md §3. Kernel outputs are allocated NaN-filled so an unwritten
+loop written here from the MELP paper. Kernel outputs are allocated NaN-filled so an unwritten
 element fails. Also: bf16 and fp16 through the CUDA launch configurations (on CPU under the
 interpreter's bf16 shim, tests/kernel_utils.gpu_numerics), the chunked backward, a strided
 int32 sentence_counts, double backward (must raise) and torch.compile(fullgraph=True) of the

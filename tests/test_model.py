@@ -77,7 +77,7 @@ def paper_model():
     return MELP(config).eval()
 
 
-# MELP_REFERENCE_KEYS.md §2: the official MELPModel at Q = 10, V = 30523 (30522 WordPiece + [BOS]),
+# The official MELPModel at Q = 10, V = 30523 (30522 WordPiece + [BOS]),
 # printed by the official code itself; (total, trainable, frozen) per top-level module
 OFFICIAL_COUNTS = {
     "ecg_encoder": (65_592_833, 65_592_833, 0),
@@ -168,7 +168,7 @@ def test_logit_scale_clamp(demo_config):
 
 # ------------------------------------------------------------------------ losses
 def loop_local_loss(beats, sentences, counts, t1=4.0, t2=5.0, t3=10.0):
-    """METHOD.md §3 "Local", one (text, ECG) pair and one sentence at a time."""
+    """The MELP paper's local loss, one (text, ECG) pair and one sentence at a time."""
     kept = [i for i in range(len(counts)) if counts[i] > 0]
     size = len(kept)
     scores = torch.zeros(size, size, dtype=torch.float64)  # M[j, i]

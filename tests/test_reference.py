@@ -1,4 +1,4 @@
-"""The PyTorch references in kernels/reference.py against plain float64 loops written from METHOD.md §3.
+"""The PyTorch references in kernels/reference.py against plain float64 loops written from the paper's math.
 
 The loops share no code with the references: attention per (sample, head, query), the
 local loss per (text, ECG) pair and sentence, InfoNCE as two explicit cross-entropy sums.

@@ -1,6 +1,7 @@
 """Official MELP state_dict (HKU-MedAI/MELP ``MELPModel``) -> ``melp_scale.model.MELP``.
 
-Names and shapes: MELP_REFERENCE_KEYS.md §3 (summarised in the README). The official model has
+Names and shapes: the official ``MELPModel.state_dict()``, as ``tests/test_convert.py``'s
+``official_state`` builds it (README, "Loading the released weights"). The official model has
 four parts, each found by an anchor key whatever prefix a file puts in front of it
 (``model.``, ``module.``, a release's own prefix):
 

@@ -1,4 +1,4 @@
-"""Downstream evaluation of MELP checkpoints (METHOD.md §5; ``python -m melp_scale.evaluate``).
+"""Downstream evaluation of MELP checkpoints (README, "Evaluation"; ``python -m melp_scale.evaluate``).
 
 - tasks.py: the task registry (name -> shard source, label keys, classes, prompt file);
 - data.py: labelled shard sets -> per-task labels and splits, cached model features;

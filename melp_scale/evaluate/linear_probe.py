@@ -1,4 +1,4 @@
-"""Linear probe (METHOD.md §5): one linear layer on frozen ECG features, multi-label.
+"""Linear probe (the MELP paper's protocol): one linear layer on frozen ECG features, multi-label.
 
 - Features: ``MELP.ecg_features`` (mean of the pooled beats before ``proj_contrast``),
   extracted once per checkpoint and shard set and cached (data.py).
@@ -38,7 +38,7 @@ PRESETS = {"ours": {"batch_size": 16, "patience": 10},
 
 @dataclasses.dataclass
 class ProbeConfig:
-    """Linear-probe training settings (the paper's, METHOD.md §5)."""
+    """Linear-probe training settings (after the MELP paper's protocol)."""
 
     fractions: tuple[float, ...] = (0.01, 0.1, 1.0)  # shares of the train split to train on
     lr: float = 1e-3  # AdamW learning rate

@@ -1,4 +1,4 @@
-"""Zero-shot classification (METHOD.md §5).
+"""Zero-shot classification, as the MELP paper evaluates it (README, "Evaluation").
 
 Each class of a task has one clinically accurate description, written for this project and
 kept in ``prompts/<task>.json`` (reviewed per class; nothing is copied from the reference's

@@ -1,4 +1,4 @@
-"""Typed configs of the MELP model and its two presets, ``demo`` and ``paper`` (METHOD.md §2, §3).
+"""Typed configs of the MELP model and its two presets, ``demo`` and ``paper`` (README, "Model").
 
 Each component owns a dataclass; ``MELPConfig`` nests them. The presets live here and only
 here: ``MELPConfig.preset("paper")`` reproduces the paper's numbers, ``MELPConfig.preset("demo")``
@@ -155,7 +155,7 @@ class DecoderConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and temperatures (METHOD.md §3)."""
+    """Loss weights and temperatures; the defaults are the MELP paper's."""
 
     global_weight: float = 1.0
     """Weight of the rhythm-level InfoNCE."""
@@ -222,7 +222,7 @@ class MELPConfig:
 
 
 def paper() -> MELPConfig:
-    """METHOD.md §2-§3: 8-layer width-768 ECG encoder, MedCPT (6 of 12 layers frozen, causal),
+    """The MELP paper's setting: 8-layer width-768 ECG encoder, MedCPT (6 of 12 layers frozen, causal),
     6-layer decoder, loss weights 1 / 2.0 / 0.2."""
     return MELPConfig(
         ecg=ECGEncoderConfig(),

@@ -1,4 +1,4 @@
-"""Parameter counts per module in the official MELP naming (MELP_REFERENCE_KEYS.md §2).
+"""Parameter counts per module in the official MELP naming (README, "Reproducing the paper").
 
 Our model carries only what MELP's forward uses. The official ``MELPModel`` also holds tensors
 that nothing in MELP reaches (the converter drops them, ``melp_scale.convert``):

@@ -1,4 +1,4 @@
-"""Caption decoder (METHOD.md §2), the reference's open_clip ``MultimodalTransformer``.
+"""Caption decoder (README, "Model"), the reference's open_clip ``MultimodalTransformer``.
 
 Layer i (pre-LN everywhere, GELU exact, no layer-scale):
 

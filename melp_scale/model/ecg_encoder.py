@@ -1,4 +1,4 @@
-"""wav2vec-2.0-style ECG encoder (METHOD.md §2), structured like the official MELP backbone
+"""wav2vec-2.0-style ECG encoder (as in the MELP paper), structured like the official MELP backbone
 (fairseq-signals ``Wav2Vec2CMSCModel`` run with ``mask=False, features_only=True``).
 
 ecg (B, 12, T) -> conv feature extractor (num_conv_layers x Conv1d(k=2, s=2, no bias); block 0:

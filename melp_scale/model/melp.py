@@ -1,5 +1,5 @@
 """The MELP model: ECG tower, text tower, caption decoder, the three losses and the
-inference API (METHOD.md §2-§3, §5).
+inference API (README, "Model" and "Evaluation").
 
     ecg (B, 12, T) -> ECGEncoder -> tokens (B, N, D_ecg)
         -> BeatPooler -> beats (B, Q_b, E) -> mean, L2 norm -> ECG global (B, E)
@@ -91,7 +91,7 @@ class MELP(nn.Module):
         return F.normalize(beats.mean(dim=1), dim=-1), beats
 
     def ecg_features(self, ecg: torch.Tensor) -> torch.Tensor:
-        """The linear-probe feature (METHOD.md §5): mean of the pooled beats before
+        """The MELP paper's linear-probe feature: mean of the pooled beats before
         ``proj_contrast``; (B, E)."""
         return self.beat_pooler.pooled(self.ecg_encoder(ecg)).mean(dim=1)
 

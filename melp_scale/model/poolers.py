@@ -1,7 +1,7 @@
-"""Attention poolers: learned queries cross-attending to ECG tokens (METHOD.md §2).
+"""Attention poolers: learned queries cross-attending to ECG tokens (beat and caption poolers).
 
 The nn.Module owns the parameters (queries, LayerNorms, q/k/v/out projections); the
-multi-head attention core is ``kernels.attention_pool`` (ARCHITECTURE.md kernel contract),
+multi-head attention core is ``kernels.attention_pool`` (per-head softmax(q·kᵀ/√d)·v, no projections),
 so the same module runs the Triton kernel on CUDA and the PyTorch reference on the CPU.
 
 Same computation as the reference's open_clip ``AttentionalPooler`` (``nn.MultiheadAttention``

@@ -1,4 +1,4 @@
-"""Text tower: a Hugging Face BERT-family encoder plus the MELP heads (METHOD.md §2).
+"""Text tower: a Hugging Face BERT-family encoder plus the MELP heads (README, "Model").
 
 Token layout comes from ``melp_scale.text.ReportTokenizer``: ``[BOS] tokens [SEP] [CLS] pad``,
 with a per-token ``sentence_index`` (-1 for special and pad tokens).

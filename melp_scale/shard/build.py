@@ -41,7 +41,7 @@ from melp_scale.shard.sources import Listing, SourceOptions, list_source
 
 FORMAT_NAME = "melp-scale-shards"
 FORMAT_VERSION = 1
-# Sources whose text is free-form pretraining text: METHOD.md §1 keeps reports of >= 4 words.
+# Sources whose text is free-form pretraining text: MELP keeps reports of >= 4 words.
 DEFAULT_MIN_WORDS = {"mimic-iv-ecg": 4, "ptbxl": 4, "synthetic": 4}
 LOCK_NAME = ".lock"
 # Everything a build writes into --out (temporaries: NAME.tmp or NAME.<pid>.tmp).

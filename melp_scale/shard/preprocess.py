@@ -1,4 +1,4 @@
-"""ECG and report preprocessing (METHOD.md §1), shared by every source.
+"""ECG and report preprocessing (as MELP does; README, "Building shards"), shared by every source.
 
 Signal: leads mapped by name (case-insensitively) to the canonical order, quality checks
 before anything mixes samples, polyphase anti-aliasing resampling to ``fs``, a fixed window,
@@ -158,7 +158,7 @@ _SPACE = re.compile(r"\s+")
 
 
 def clean_sentence(text: str) -> str:
-    """One statement cleaned as METHOD.md §1 says (no final period)."""
+    """One statement cleaned: EKG -> ECG, ``***``/``=-``/``=`` removed, lowercased, no final period."""
     text = _EKG.sub("ECG", text)
     text = _ARTEFACTS.sub(" ", text).lower()
     return _SPACE.sub(" ", text).strip(" .;,")

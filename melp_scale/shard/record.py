@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-# Canonical 12-lead order of every shard (METHOD.md §1).
+# Canonical 12-lead order of every shard; sources are mapped to it by lead name (MIMIC has aVF before aVL).
 LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF",
                           "V1", "V2", "V3", "V4", "V5", "V6")
 

@@ -82,7 +82,7 @@ class DataConfig:
     exclude: str | None = None  # exclusion list of `python -m melp_scale.shard dedupe`
     build_demo_if_missing: bool = True  # build the synthetic demo shards when ``shards`` is absent
     num_workers: int = 2  # DataLoader workers per rank
-    lead_mask_p: float = 0.5  # random lead masking in training (METHOD.md §1)
+    lead_mask_p: float = 0.5  # random lead masking in training: each lead zeroed with this probability
     normalize: str = "minmax"  # per-record min-max (the reference), "zscore" or "none"
     sentence_dropout: float = 0.0  # leave each report sentence out with this probability (one always kept); 0: reports as written
     sentence_shuffle: bool = False  # report sentences in a random order
@@ -104,7 +104,7 @@ class OptimConfig:
     its learning rate per preset, e.g. for the small demo model)."""
 
     lr: float | None = None  # peak learning rate; None: ds.json's optimizer lr
-    warmup_steps: int = 100  # linear warm-up from 0 (without it both towers collapse, METHOD.md §4)
+    warmup_steps: int = 100  # linear warm-up from 0 (without it both towers collapse to loss ln(batch))
     min_lr_ratio: float = 0.01  # the decay ends at lr * min_lr_ratio
     decay: str = "cosine"  # after the warm-up: "cosine" or "linear" decay
     epochs: int = 100  # epochs (the run stops at whichever of epochs / max_steps comes first)

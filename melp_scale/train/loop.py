@@ -7,7 +7,7 @@ encoder, ``launch/pretrain_text.py``) share this one loop.
 One optimiser step per ``gradient_accumulation_steps`` micro-batches (DeepSpeed counts them;
 the global batch, micro x accumulation x ranks, is printed at the start and in the summary).
 After each step: the task's clamps apply to the model and the optimiser's fp32 master copy
-(MELP's logit scale, METHOD.md §3), its hook runs, a stop request (SIGTERM/SIGINT on any rank)
+(MELP's logit scale, kept in [0, ln 100]), its hook runs, a stop request (SIGTERM/SIGINT on any rank)
 is agreed on by all ranks, every ``select_every`` steps the task's selection score may keep the
 model as ``export-best/`` and stop a stalled run (``selection.py``), checkpoints are written
 every ``checkpoint_every`` steps, at the end and on a stop. A non-finite loss on any rank skips that

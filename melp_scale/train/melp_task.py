@@ -1,4 +1,4 @@
-"""Stage 2: MELP pretraining on ECG/report shards (METHOD.md §2-§4), as a Trainer task."""
+"""Stage 2: MELP pretraining on ECG/report shards (README, "Pretraining"), as a Trainer task."""
 from __future__ import annotations
 
 import json
@@ -116,7 +116,7 @@ class MELPTask(Task):
         return step_flops(self.melp_config, text_sizes_of(model), shape)["total"]["total"]
 
     def clamped_parameters(self, model: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
-        # METHOD.md §3: the log scale stays in [0, ln 100], in the optimiser's master copy too
+        # MELP clamps the log scale to [0, ln 100]; here in the optimiser's master copy too
         return [(model.logit_scale, 0.0, float(self.melp_config.loss.logit_scale_max))]
 
     def make_selection(self) -> ZeroShotSelection:

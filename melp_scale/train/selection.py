@@ -2,7 +2,7 @@
 
 Every ``run.select_every`` steps (and at the last step) the Trainer asks its task for a score
 (higher is better); MELP's is the zero-shot macro ROC-AUC x 100 on the downstream sets of the
-preset's ``select.sets``, averaged over the sets (METHOD.md §4: the reference recipe
+preset's ``select.sets``, averaged over the sets (the reference recipe
 early-stops on validation zero-shot AUC). Rank 0 scores (every rank holds the whole model
 under ZeRO-2) and broadcasts the score, or its error, so every rank takes the same decision
 and no collective is left waiting. A better score than every earlier one writes the model to

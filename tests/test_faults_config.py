@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("run.validate=sometimes", "run.validate"), ("data.num_workers=-1", "data.num_workers"),
     ("data.lead_mask_p=1.5", "data.lead_mask_p"), ("data.on_error=ignore", "data.on_error"),
     ("data.normalize=l2", "data.normalize"), ("data.shuffle_window=0", "data.shuffle_window"),
+    ("data.worker_timeout=-1", "data.worker_timeout"),
 ])
 def test_bad_config_values_are_refused_naming_the_setting(override, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.") + " must be"):

@@ -142,8 +142,9 @@ def test_trainer_reads_data_sources(tmp_path):
     make_shards(a, (10, 6), val_sizes=(3,))
     make_shards(b, (8,), val_sizes=(2,))
     sources = f"data.sources=[{{shards: {a}, weight: 0.75}}, {{shards: {b}, weight: 0.25}}]"
-    config = load_train_config("demo", [sources, "data.num_workers=0"])
+    config = load_train_config("demo", [sources, "data.num_workers=0", "data.worker_timeout=45"])
     train, val = MELPTask(config).build_loaders(Placement(0, 1, torch.device("cpu")), 4)
+    assert train.config.worker_timeout == 45  # the trainer's data section reaches the loader
     assert train.shards.epoch_counts().tolist() == [18, 6] and train.source_names == ("a", "b")
     assert val is not None and val.shards.num_samples == 5
 

@@ -89,13 +89,14 @@ class DataConfig:
     shuffle_window: int = 1024  # samples permuted together on a rank
     on_error: str = "raise"  # bad sample: "raise" or "skip" (counted and logged)
     verify: bool = False  # check the shards' sha256 at start
+    worker_timeout: float = 600.0  # seconds a loader worker may take for a batch before the run raises (0: forever)
 
     def __post_init__(self) -> None:
         check_section(self, "data", {
             "num_workers": at_least(0), "lead_mask_p": ((lambda p: 0.0 <= p <= 1.0), "in [0, 1]"),
             "sentence_dropout": ((lambda p: 0.0 <= p < 1.0), "in [0, 1)"),
             "normalize": one_of("minmax", "zscore", "none"), "shuffle_window": at_least(1),
-            "on_error": one_of("raise", "skip")})
+            "on_error": one_of("raise", "skip"), "worker_timeout": at_least(0)})
 
 
 @dataclasses.dataclass

@@ -75,6 +75,7 @@ class MELPTask(Task):
             lead_mask_p=data.lead_mask_p, sentence_dropout=data.sentence_dropout,
             sentence_shuffle=data.sentence_shuffle, text_model=text.name_or_path,
             max_text_length=text.max_length, on_error=data.on_error, verify=data.verify,
+            worker_timeout=data.worker_timeout,
             pin_memory=placement.device.type == "cuda")
         train = StreamLoader(stream, placement.rank, placement.world_size)
         val = None

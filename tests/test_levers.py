@@ -336,9 +336,10 @@ def _zero2_worker(rank: int, port: int, folder: str) -> None:
     torch.distributed.destroy_process_group()  # gloo's threads stopped before the process exits
 
 
-def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
-    """Two ZeRO-2 engines in turn (eager, then ``run.compile``'s compile_parts) on the same small
-    MELP, data, seeds and dropout masks: two steps each, losses and updated parameters."""
+def _zero2_melp_steps(rank: int, port: int, folder: str, variants: dict) -> None:
+    """ZeRO-2 engines in turn on the same small MELP, data, seeds and dropout masks, one per
+    variant (name -> (compile the parts?, zero_optimization)): two clipped AdamW steps each,
+    losses and updated parameters into ``folder``."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import deepspeed
@@ -348,7 +349,7 @@ def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     result = {}
-    for compiled in (False, True):
+    for name, (compiled, zero) in variants.items():
         torch.manual_seed(0)
         model = MELP(small_config())
         if compiled:
@@ -357,24 +358,42 @@ def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
         optimizer = build_optimizer(model, ds, fused=False)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config={
             "train_micro_batch_size_per_gpu": 3, "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": 2}})
+            "zero_optimization": zero})
         assert engine.zero_optimization_stage() == 2
+        for key in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size"):
+            if key in zero:  # the setting reached the ZeRO optimiser
+                assert getattr(engine.optimizer, key) == zero[key], (key, getattr(engine.optimizer, key))
         batch = model.tokenizer.batch(REPORTS[rank:] + REPORTS[:rank])
         batch["ecg"] = torch.rand(3, 12, 400, generator=torch.Generator().manual_seed(100 + rank))
         losses = []
         for step in range(2):
-            torch.manual_seed(1000 * step + rank)  # the same dropout masks in both engines
+            torch.manual_seed(1000 * step + rank)  # the same dropout masks in every engine
             loss = engine(batch).loss
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
-        result[str(compiled)] = {"losses": losses, "params": {
-            name: p.detach().flatten()[:64].tolist() for name, p in model.named_parameters()
+        result[name] = {"losses": losses, "params": {
+            key: p.detach().flatten()[:64].tolist() for key, p in model.named_parameters()
             if p.requires_grad}}
     with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # gloo's threads stopped before the process exits
+
+
+def _zero2_compile_worker(rank: int, port: int, folder: str) -> None:
+    """Eager, then ``run.compile``'s compile_parts."""
+    _zero2_melp_steps(rank, port, folder, {"False": (False, {"stage": 2}), "True": (True, {"stage": 2})})
+
+
+def _zero2_comm_worker(rank: int, port: int, folder: str) -> None:
+    """ZeRO-2's communication settings: none, then the paper preset's overlap_comm and
+    contiguous_gradients with buckets small enough that the gradients go in many of them."""
+    plain = {"stage": 2, "overlap_comm": False, "contiguous_gradients": False,
+             "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
+    tuned = {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+             "reduce_bucket_size": 5000, "allgather_bucket_size": 5000}
+    _zero2_melp_steps(rank, port, folder, {"False": (False, plain), "True": (False, tuned)})
 
 
 def _two_ranks(target, folder: str) -> None:
@@ -411,7 +430,25 @@ def test_run_compile_under_zero2_matches_eager(tmp_path):
         assert compiled["params"].keys() == eager["params"].keys()
         for name, values in eager["params"].items():
             torch.testing.assert_close(torch.tensor(compiled["params"][name]), torch.tensor(values),
-                                       rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+                                       rtol=1e-4, atol=1e-6, msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+
+
+def test_zero2_communication_settings_leave_the_steps_unchanged(tmp_path):
+    """The ``deepspeed.zero_optimization`` levers the presets expose (overlap_comm,
+    contiguous_gradients, bucket sizes) change how gradients travel, not the step: on 2 gloo
+    ranks, with the gradients reduced in many small buckets, the losses and the parameters after
+    two clipped AdamW steps are those of ZeRO-2 without them."""
+    pytest.importorskip("deepspeed")
+    _two_ranks(_zero2_comm_worker, str(tmp_path))
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        plain, tuned = result["False"], result["True"]
+        torch.testing.assert_close(torch.tensor(tuned["losses"]), torch.tensor(plain["losses"]),
+                                   rtol=1e-5, atol=1e-6)
+        assert plain["losses"][1] != plain["losses"][0]  # the first step changed the model
+        for name, values in plain["params"].items():
+            torch.testing.assert_close(torch.tensor(tuned["params"][name]), torch.tensor(values),
+                                       rtol=1e-4, atol=1e-6, msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
 
 
 def test_fused_adamw_under_zero2_matches_the_loop(tmp_path):

@@ -416,21 +416,26 @@ def _two_ranks(target, folder: str) -> None:
     assert [w.exitcode for w in workers] == [0, 0]
 
 
+def _assert_same_steps(folder) -> None:
+    """Each rank's "True" engine gave the "False" engine's losses and updated parameters."""
+    for rank in range(2):
+        result = json.loads((folder / f"rank{rank}.json").read_text())
+        base, lever = result["False"], result["True"]
+        torch.testing.assert_close(torch.tensor(lever["losses"]), torch.tensor(base["losses"]),
+                                   rtol=1e-5, atol=1e-6)
+        assert base["losses"][1] != base["losses"][0]  # the first step changed the model
+        assert lever["params"].keys() == base["params"].keys()
+        for name, values in base["params"].items():
+            torch.testing.assert_close(torch.tensor(lever["params"][name]), torch.tensor(values), rtol=1e-4,
+                                       atol=1e-6, msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+
+
 def test_run_compile_under_zero2_matches_eager(tmp_path):
     """run.compile with DeepSpeed ZeRO-2 on 2 gloo ranks: the compiled parts give the eager
     engine's losses and, after two clipped AdamW steps on partitioned gradients, its parameters."""
     pytest.importorskip("deepspeed")
     _two_ranks(_zero2_compile_worker, str(tmp_path))
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        eager, compiled = result["False"], result["True"]
-        torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]),
-                                   rtol=1e-5, atol=1e-6)
-        assert eager["losses"][1] != eager["losses"][0]  # the first step changed the model
-        assert compiled["params"].keys() == eager["params"].keys()
-        for name, values in eager["params"].items():
-            torch.testing.assert_close(torch.tensor(compiled["params"][name]), torch.tensor(values),
-                                       rtol=1e-4, atol=1e-6, msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+    _assert_same_steps(tmp_path)
 
 
 def test_zero2_communication_settings_leave_the_steps_unchanged(tmp_path):
@@ -440,15 +445,7 @@ def test_zero2_communication_settings_leave_the_steps_unchanged(tmp_path):
     two clipped AdamW steps are those of ZeRO-2 without them."""
     pytest.importorskip("deepspeed")
     _two_ranks(_zero2_comm_worker, str(tmp_path))
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        plain, tuned = result["False"], result["True"]
-        torch.testing.assert_close(torch.tensor(tuned["losses"]), torch.tensor(plain["losses"]),
-                                   rtol=1e-5, atol=1e-6)
-        assert plain["losses"][1] != plain["losses"][0]  # the first step changed the model
-        for name, values in plain["params"].items():
-            torch.testing.assert_close(torch.tensor(tuned["params"][name]), torch.tensor(values),
-                                       rtol=1e-4, atol=1e-6, msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+    _assert_same_steps(tmp_path)
 
 
 def test_fused_adamw_under_zero2_matches_the_loop(tmp_path):

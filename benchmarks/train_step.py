@@ -591,15 +591,21 @@ def print_fits(fits: list[dict]) -> None:
         print(line)
 
 
+def results_path(args: argparse.Namespace, stem: str) -> str:
+    """Where a run's JSON goes: benchmarks/results/ with ``--record``, else ``--out`` or a
+    fresh temporary folder; named after the benchmark, the device type and the time."""
+    out = RESULTS if args.record else (args.out or tempfile.mkdtemp(prefix="train_step-"))
+    os.makedirs(out, exist_ok=True)
+    return os.path.join(out, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
 def fit_only(args: argparse.Namespace) -> None:
     """``--fit-only``: each lever's largest micro-batch within ``--fit-gb``, nothing else."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fits = [fit for preset in args.presets for fit in find_largest(preset, args)]
     print(f"\ndevice {device}, {args.threads or torch.get_num_threads()} thread(s), two steps per probe")
     print_fits(fits)
-    out = RESULTS if args.record else (args.out or tempfile.mkdtemp(prefix="train_step-"))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"train_step_fit-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path = results_path(args, f"train_step_fit-{device.type}")
     with open(path, "w") as handle:
         json.dump({"benchmark": "train_step_fit", "environment": environment(device),
                    "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
@@ -646,7 +652,6 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (64 if device.type == "cuda" else 8)
     peak_name, peak = peak_bf16_flops(device)
-    out = RESULTS if args.record else (args.out or tempfile.mkdtemp(prefix="train_step-"))
     runs, profiles, lever_profiles, fits = [], {}, {}, []
     for preset in args.presets:
         for lever in dict.fromkeys(["eager", *args.profile_levers]):
@@ -683,9 +688,7 @@ def main() -> None:
     if any(r.get("busy_runs") for r in rows):
         print("\nWARNING: the machine was busy during some runs (load above the cores or CPU time "
               "short of wall x threads): absolute times are inflated; the interleaved ratios less so.")
-    os.makedirs(out, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(out, f"train_step-{device.type}-{stamp}.json")
+    path = results_path(args, f"train_step-{device.type}")
     with open(path, "w") as handle:
         json.dump({"benchmark": "train_step", "environment": environment(device), "batch": batch,
                    "cores": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),

@@ -82,6 +82,13 @@ def _fft_size(padded: int) -> int:
     return -(-padded // 32) * 32
 
 
+def _group_slices(weight: torch.Tensor, groups: int):
+    """(output channels, input channels) of each group of a grouped convolution's weight."""
+    per_group, group_in = weight.shape[0] // groups, weight.shape[1]
+    for g in range(groups):
+        yield slice(g * per_group, (g + 1) * per_group), slice(g * group_in, (g + 1) * group_in)
+
+
 class FFTGroupedConv1d(torch.autograd.Function):
     """Grouped cross-correlation through the FFT, one group at a time, with its own backward.
 
@@ -98,14 +105,12 @@ class FFTGroupedConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
         batch, _, length = x.shape
-        out_channels, group_in, kernel = weight.shape
+        out_channels, _, kernel = weight.shape
         out_len = length + 2 * padding - kernel + 1
         size = _fft_size(length + 2 * padding)
         spectrum = torch.fft.rfft(F.pad(x, (padding, padding)), n=size)  # (B, C, F)
         out = _buffer((batch, out_channels, out_len), x)
-        per_group = out_channels // groups
-        for g in range(groups):
-            outs, ins = slice(g * per_group, (g + 1) * per_group), slice(g * group_in, (g + 1) * group_in)
+        for outs, ins in _group_slices(weight, groups):
             kernel_spectrum = torch.fft.rfft(weight[outs], n=size).conj_physical_()  # (O/g, C/g, F)
             # per frequency: (O/g x C/g) @ (C/g x B)
             mixed = torch.matmul(kernel_spectrum.permute(2, 0, 1), spectrum[:, ins].permute(2, 1, 0))
@@ -120,15 +125,12 @@ class FFTGroupedConv1d(torch.autograd.Function):
         padding, groups = ctx.padding, ctx.groups
         length, kernel = x.shape[-1], weight.shape[-1]
         size = _fft_size(length + 2 * padding)
-        out_channels, group_in = weight.shape[:2]
-        per_group = out_channels // groups
         grad_spectrum = torch.fft.rfft(grad_out, n=size)  # (B, O, F)
         need_x, need_w = ctx.needs_input_grad[:2]
         spectrum = torch.fft.rfft(F.pad(x, (padding, padding)), n=size) if need_w else None
         grad_x = _buffer(x.shape, x) if need_x else None
         grad_w = _buffer(weight.shape, weight) if need_w else None
-        for g in range(groups):
-            outs, ins = slice(g * per_group, (g + 1) * per_group), slice(g * group_in, (g + 1) * group_in)
+        for outs, ins in _group_slices(weight, groups):
             grad_g = grad_spectrum[:, outs].permute(2, 1, 0)  # (F, O/g, B)
             if need_x:
                 kernel_spectrum = torch.fft.rfft(weight[outs], n=size)  # (O/g, C/g, F)
